@@ -1,0 +1,25 @@
+"""gemma_lab: learn, inspect and fine-tune Gemma 3 in JAX, offline.
+
+The few entry points the notebooks use:
+
+>>> import gemma_lab
+>>> model, tokenizer = gemma_lab.load()  # doctest: +SKIP
+"""
+
+from gemma_lab.checkpoints.rules import CheckpointError
+from gemma_lab.config import PRESETS, TransformerConfig, preset
+from gemma_lab.loading import default_checkpoint, load
+from gemma_lab.model import ModelOutput, Transformer
+from gemma_lab.tokenizer import Tokenizer
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "ModelOutput",
+    "Tokenizer",
+    "Transformer",
+    "TransformerConfig",
+    "default_checkpoint",
+    "load",
+    "preset",
+]

@@ -1,0 +1,168 @@
+"""Small building blocks of the Gemma 3 text model: norms, projections, MLP.
+
+Each block is a pure function (`rms_norm`, `gelu_tanh`) plus a thin NNX module
+that holds its parameters and calls it. Letters in einsums follow the legend
+in `gemma_lab.attention`: B batch, T positions, D model width, F MLP width.
+
+Numerics follow the reference Gemma implementation:
+- RMSNorm is computed in float32 and its stored scale is an offset from 1,
+  so a zero scale means plain normalisation;
+- the MLP is GeGLU with the tanh approximation of GELU;
+- the embedding is multiplied by sqrt(D) cast to the activation dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+_DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+def rms_norm(
+    x: Float[Array, "... D"], scale: Float[Array, " D"], eps: float = 1e-6
+) -> Float[Array, "... D"]:
+    """Root-mean-square normalisation with a scale stored as offset from 1.
+
+    Args:
+        x: activations; normalised over the last axis.
+        scale: learned offset; the applied factor is `1 + scale`.
+        eps: added to the mean square before the square root.
+
+    Returns:
+        Normalised `x`, in the dtype of `x`. The arithmetic is float32, as in
+        the reference, whatever the input dtype.
+    """
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    out = x32 * inv_rms * (1.0 + scale.astype(jnp.float32))
+    return out.astype(x.dtype)
+
+
+def gelu_tanh(x: Array) -> Array:
+    """GELU with the tanh approximation: gelu_tanh(1.0) == 0.841192."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+class RMSNorm(nnx.Module):
+    """Holds the scale offset of one RMSNorm.
+
+    Args:
+        dim: size of the normalised axis.
+        eps: see `rms_norm`.
+        param_dtype: dtype of the stored scale.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class Linear(nnx.Module):
+    """A bias-free projection `y = x @ kernel` with kernel [in, out].
+
+    Gemma's projections carry no bias. Keeping every projection in this one
+    module lets LoRA wrap any of them by name (see `gemma_lab.lora`).
+
+    Args:
+        in_features: size of the input's last axis.
+        out_features: size of the output's last axis.
+        rngs: random streams for initialisation; keyword-only.
+        param_dtype: dtype of the stored kernel.
+        dtype: compute dtype; inputs and kernel are cast to it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        dtype=jnp.float32,
+    ):
+        self.kernel = nnx.Param(
+            _DEFAULT_INIT(
+                rngs.params(), (in_features, out_features), param_dtype
+            )
+        )
+        self.dtype = dtype
+
+    def __call__(self, x: Float[Array, "... I"]) -> Float[Array, "... O"]:
+        kernel = self.kernel[...].astype(self.dtype)
+        return jnp.einsum("...I,IO->...O", x.astype(self.dtype), kernel)
+
+
+class Embedder(nnx.Module):
+    """The token embedding table, shared with the output head (tied).
+
+    Args:
+        vocab_size: V.
+        width: D.
+        rngs: random streams for initialisation; keyword-only.
+        param_dtype: dtype of the stored table.
+        dtype: activation dtype of the embeddings and logits.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        width: int,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        dtype=jnp.float32,
+    ):
+        self.embedding = nnx.Param(
+            _DEFAULT_INIT(rngs.params(), (vocab_size, width), param_dtype)
+        )
+        self.dtype = dtype
+
+    def encode(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        """Looks tokens up, scaled by sqrt(D) in the activation dtype."""
+        table = self.embedding[...]
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+        # The reference rounds sqrt(D) to the activation dtype first.
+        return x * jnp.asarray(math.sqrt(table.shape[-1]), self.dtype)
+
+    def decode(self, x: Float[Array, "... D"]) -> Float[Array, "... V"]:
+        """The tied output head: logits = x @ embedding.T."""
+        table = self.embedding[...].astype(self.dtype)
+        return jnp.einsum("...D,VD->...V", x.astype(self.dtype), table)
+
+
+class MLP(nnx.Module):
+    """GeGLU feed-forward block: down(gelu_tanh(gate(x)) * up(x)).
+
+    Args:
+        width: D.
+        mlp_dim: F.
+        rngs: random streams for initialisation; keyword-only.
+        param_dtype: dtype of the stored kernels.
+        dtype: compute dtype.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        mlp_dim: int,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        dtype=jnp.float32,
+    ):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.gate_proj = Linear(width, mlp_dim, **kw)
+        self.up_proj = Linear(width, mlp_dim, **kw)
+        self.down_proj = Linear(mlp_dim, width, **kw)
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        hidden = gelu_tanh(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(hidden)

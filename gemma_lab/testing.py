@@ -1,0 +1,46 @@
+"""Tiny configurations and helpers for fast unit tests.
+
+`TINY_CONFIG` keeps every architecture detail of Gemma 3 (grouped-query
+attention, local and global layers, a small window, a query scale different
+from the head dim, position scaling on global layers) at a size that runs in
+milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from gemma_lab.config import TransformerConfig
+from gemma_lab.model import Transformer
+
+TINY_CONFIG = TransformerConfig(
+    vocab_size=512,
+    width=64,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    mlp_dim=128,
+    query_pre_attn_scalar=24,
+    sliding_window=8,
+    global_every=2,
+    global_rope_scale=8.0,
+    max_seq_len=256,
+    name="tiny",
+)
+
+
+def tiny_model(seed: int = 0, **kwargs) -> Transformer:
+    """A randomly initialised `Transformer` with `TINY_CONFIG`.
+
+    Norm scales are randomised too, so tests see their effect.
+    """
+    model = Transformer(TINY_CONFIG, rngs=nnx.Rngs(seed), **kwargs)
+    rngs = nnx.Rngs(seed + 1)
+    for path, param in nnx.iter_graph(model):
+        del path
+        if isinstance(param, nnx.Param) and param[...].ndim == 1:
+            param[...] = 0.1 * nnx.initializers.normal(1.0)(
+                rngs.params(), param[...].shape, param[...].dtype
+            )
+    return model

@@ -1,0 +1,93 @@
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_lab.attention import (
+    LayerCache,
+    attention_mask,
+    attention_probs,
+    rope,
+    write_cache,
+)
+
+
+def naive_rope(x, positions, base, scale):
+    """Rotate-half RoPE, one position and frequency at a time."""
+    out = np.zeros_like(x)
+    h = x.shape[-1]
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            for i in range(h // 2):
+                theta = positions[b, t] / scale / base ** (2 * i / h)
+                c, s = np.cos(theta), np.sin(theta)
+                a, z = x[b, t, :, i], x[b, t, :, i + h // 2]
+                out[b, t, :, i] = a * c - z * s
+                out[b, t, :, i + h // 2] = z * c + a * s
+    return out
+
+
+def test_rope_matches_naive_rotation_with_linear_scaling():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
+    pos = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+    out = rope(jnp.asarray(x), jnp.asarray(pos), base=10_000.0, scale=8.0)
+    np.testing.assert_allclose(out, naive_rope(x, pos, 1e4, 8.0), atol=1e-5)
+
+
+def test_local_mask_keeps_w_keys_counting_the_query():
+    pos = jnp.arange(10)[None]
+    mask = np.asarray(attention_mask(pos, pos, window=3))[0]
+    assert mask[9].tolist() == [False] * 7 + [True] * 3
+    assert not mask[np.triu_indices(10, 1)].any()
+
+
+def test_padding_queries_and_keys_are_masked():
+    pos = jnp.array([[-1, 0, 1]])
+    mask = np.asarray(attention_mask(pos, pos, window=None))[0]
+    assert mask.tolist() == [
+        [False, False, False],
+        [False, True, False],
+        [False, True, True],
+    ]
+
+
+def test_groups_attend_both_ways_and_never_to_later_groups():
+    pos = jnp.arange(6)[None]
+    groups = jnp.array([[0, 1, 1, 0, 2, 2]])
+    mask = np.asarray(
+        attention_mask(
+            pos, pos, window=None, query_groups=groups, key_groups=groups
+        )
+    )[0]
+    assert mask[1, 2] and mask[4, 5]
+    assert not mask[1, 4] and not mask[0, 1]
+
+
+def test_fully_masked_rows_stay_finite_and_masked_keys_get_zero():
+    q = jnp.ones((1, 2, 2, 4))
+    k = jnp.ones((1, 2, 1, 4))
+    mask = jnp.array([[[False, False], [True, False]]])
+    probs = np.asarray(attention_probs(q, k, mask))
+    assert np.isfinite(probs).all()
+    assert probs[0, :, 1, 1].tolist() == [0.0, 0.0]
+
+
+def test_write_cache_keeps_the_newest_position_in_each_ring_slot():
+    cache = LayerCache.empty(1, 4, 1, 1, jnp.float32)
+    pos = jnp.arange(6)[None]
+    keys = pos[..., None, None].astype(jnp.float32)
+    cache = write_cache(cache, keys, keys, pos)
+    assert np.asarray(cache.positions)[0].tolist() == [4, 5, 2, 3]
+    assert np.asarray(cache.keys)[0, :, 0, 0].tolist() == [4, 5, 2, 3]
+
+    step = jnp.array([[6]])
+    cache = write_cache(cache, step[..., None, None] * 1.0, step * 1.0, step)
+    assert np.asarray(cache.positions)[0].tolist() == [4, 5, 6, 3]
+
+
+def test_write_cache_skips_padding():
+    cache = LayerCache.empty(1, 4, 1, 1, jnp.float32)
+    pos = jnp.array([[-1, -1, 0, 1]])
+    keys = jnp.arange(4.0).reshape(1, 4, 1, 1)
+    cache = write_cache(cache, keys, keys, pos)
+    assert np.asarray(cache.positions)[0].tolist() == [0, 1, -1, -1]
+    assert np.asarray(cache.keys)[0, :2, 0, 0].tolist() == [2.0, 3.0]
