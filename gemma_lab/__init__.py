@@ -6,20 +6,25 @@ The few entry points the notebooks use:
 >>> model, tokenizer = gemma_lab.load()  # doctest: +SKIP
 """
 
+from gemma_lab.checkpoints.hf_multimodal import load_multimodal
 from gemma_lab.checkpoints.rules import CheckpointError
 from gemma_lab.config import PRESETS, TransformerConfig, preset
 from gemma_lab.loading import default_checkpoint, load
 from gemma_lab.model import ModelOutput, Transformer
+from gemma_lab.multimodal import Gemma3Multimodal, prepare_prompt
 from gemma_lab.tokenizer import Tokenizer
 
 __all__ = [
     "PRESETS",
     "CheckpointError",
+    "Gemma3Multimodal",
     "ModelOutput",
     "Tokenizer",
     "Transformer",
     "TransformerConfig",
     "default_checkpoint",
     "load",
+    "load_multimodal",
+    "prepare_prompt",
     "preset",
 ]

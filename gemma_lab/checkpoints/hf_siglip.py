@@ -4,7 +4,8 @@ HF's SigLIP vision tower names its tensors `embeddings.patch_embedding...`,
 `encoder.layers.{i}.self_attn.q_proj...` and `post_layernorm...`, under a
 prefix that depends on where it sits: none in transformers 5's
 `SiglipVisionModel`, `vision_model.` in transformers 4's, and
-`vision_tower.vision_model.` in Gemma 3's released safetensors. The prefix
+`vision_tower.vision_model.` in Gemma 3's released safetensors
+(`vision_tower.` when transformers 5 saves a Gemma 3 model). The prefix
 is found from the patch-embedding key unless given. PyTorch `Linear`
 weights are [out, in] and are transposed to [in, out] kernels; the patch
 convolution [D, 3, p, p] becomes a [(p p 3), D] kernel. The optional
