@@ -6,6 +6,7 @@ The few entry points the notebooks use:
 >>> model, tokenizer = gemma_lab.load()  # doctest: +SKIP
 """
 
+from gemma_lab.capture import Capture, capture
 from gemma_lab.checkpoints.hf_multimodal import load_multimodal
 from gemma_lab.checkpoints.rules import CheckpointError
 from gemma_lab.config import PRESETS, TransformerConfig, preset
@@ -15,6 +16,7 @@ from gemma_lab.multimodal import Gemma3Multimodal, prepare_prompt
 from gemma_lab.tokenizer import Tokenizer
 
 __all__ = [
+    "Capture",
     "PRESETS",
     "CheckpointError",
     "Gemma3Multimodal",
@@ -22,6 +24,7 @@ __all__ = [
     "Tokenizer",
     "Transformer",
     "TransformerConfig",
+    "capture",
     "default_checkpoint",
     "load",
     "load_multimodal",
