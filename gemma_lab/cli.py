@@ -1,9 +1,14 @@
 """The `gemma-lab` command: a thin layer over the package's entry points.
 
     gemma-lab generate --max-new-tokens 32 "The capital of France is"
+    gemma-lab generate --temperature 0.8 --top-p 0.9 --seed 1 "Once upon"
+    gemma-lab chat --system "Be brief."
 
-Loads the embedded Gemma 3 270M unless `--checkpoint` names a .gguf file or a
-Hugging Face safetensors folder.
+`generate` decodes greedily unless `--temperature` is above 0 and prints the
+continuation as it arrives. `chat` is an interactive conversation: type a
+message, `/reset` to start over, `/exit` (or end of input) to leave. Both load
+the embedded Gemma 3 270M unless `--checkpoint` names a .gguf file or a
+Hugging Face safetensors folder, and both work offline.
 """
 
 from __future__ import annotations
@@ -11,8 +16,26 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gemma_lab.chat import ChatSession
 from gemma_lab.loading import load
-from gemma_lab.sampler import greedy
+from gemma_lab.sampler import Sampler
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, new: int) -> None:
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=new, help=f"default: {new}"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default)"
+    )
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="default: 0")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help=".gguf file or safetensors folder (default: embedded 270M)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,37 +46,103 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="continue a prompt")
     gen.add_argument("prompt", help="text to continue")
     gen.add_argument(
-        "--max-new-tokens", type=int, default=64, help="default: 64"
+        "--stop",
+        action="append",
+        default=[],
+        help="stop at this text (repeatable)",
     )
-    gen.add_argument(
-        "--checkpoint",
-        default=None,
-        help=".gguf file or safetensors folder (default: embedded 270M)",
+    _add_sampling_options(gen, 64)
+    chat = commands.add_parser("chat", help="interactive chat (streaming)")
+    chat.add_argument("--system", default=None, help="a system message")
+    chat.add_argument(
+        "--max-len", type=int, default=2048, help="conversation length limit"
     )
+    _add_sampling_options(chat, 256)
     return parser
 
 
-def _generate(args) -> int:
+def _sampling(args) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def _generate(args, out) -> int:
+    model, tokenizer = load(args.checkpoint, progress=False)
+    sampler = Sampler(model, tokenizer)
+    stream = sampler.stream(
+        args.prompt, stop_strings=args.stop, **_sampling(args)
+    )
+    for piece in stream:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return 0
+
+
+def _chat(args, out, lines) -> int:
+    model, tokenizer = load(args.checkpoint, progress=False)
+    session = ChatSession(
+        Sampler(model, tokenizer),
+        system=args.system,
+        max_len=args.max_len,
+        **_sampling(args),
+    )
+    out.write("Type a message; /reset starts over, /exit leaves.\n")
+    for line in lines:
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            out.write("(conversation reset)\n")
+            continue
+        if not text:
+            continue
+        try:
+            for piece in session.stream(text):
+                out.write(piece)
+                out.flush()
+        except ValueError as error:
+            out.write(f"error: {error}")
+        out.write("\n")
+    return 0
+
+
+def _typed_lines():
+    """Lines typed at a "> " prompt, until end of input."""
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            return
+
+
+def main(argv: list[str] | None = None, *, stdin=None, stdout=None) -> int:
+    """Entry point of the `gemma-lab` command; returns the exit status.
+
+    Args:
+        argv: the arguments (default: the command line).
+        stdin: where `chat` reads messages, one per line (default: stdin).
+        stdout: where output goes (default: stdout).
+    """
+    args = _parser().parse_args(argv)
+    out = stdout or sys.stdout
     if args.max_new_tokens < 1:
         print(
             f"--max-new-tokens must be >= 1, got {args.max_new_tokens}",
             file=sys.stderr,
         )
         return 2
-    model, tokenizer = load(args.checkpoint)
-    prompt = tokenizer.encode(args.prompt)
-    ids = greedy(model, prompt, max_new_tokens=args.max_new_tokens)
-    ids = [i for i in ids if i not in (tokenizer.eos_id, 106)]
-    print(tokenizer.decode(ids))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `gemma-lab` command; returns the exit status."""
-    args = _parser().parse_args(argv)
     if args.command == "generate":
-        return _generate(args)
-    return 2
+        return _generate(args, out)
+    if stdin is None:
+        stdin = _typed_lines() if sys.stdin.isatty() else sys.stdin
+    return _chat(args, out, stdin)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,622 @@
-"""Greedy decoding with the KV cache.
+"""Text generation with the KV cache: prefill, decode steps, sampling.
 
-A prompt is prefilled in one pass, then tokens are decoded one at a time by a
-jit-compiled step that reads and writes the cache. Shapes stay fixed (the
-cache is sized once), so the step compiles once.
+Words used in this module:
+
+- prefill: one forward pass over the prompt (a chunk of new tokens) that
+  fills the KV cache and gives the logits of the next token.
+- decode step: one forward pass over a single new token per row, reading and
+  writing the cache. Its shapes never change during a call, so it compiles
+  once per (batch size, cache length).
+- bucket: prompt chunks are right-padded to a bucketed length (powers of two
+  up to 512, then multiples of 512) and the cache is sized to a bucketed
+  length, so prompts of similar lengths share one compiled prefill.
+- ragged batch: prompts of different lengths in one call. Each row is
+  right-padded with position -1, which the model ignores, and each row's
+  positions start at 0; decoding continues every row from its own length.
+- stop ids: ids that end a row (by default <eos> 1 and <end_of_turn> 106);
+  the stop id is not part of the returned tokens. Stop strings end a row as
+  soon as the row's text contains one of them (multi-token strings
+  included); the text is cut before it.
+
+Sampling methods (the small pure functions below): greedy (temperature 0),
+temperature, top-k and top-p (nucleus, Holtzman et al. 2019), with an
+explicit seed, so the same seed gives the same sample. Log-probabilities are
+those of the model's own distribution, before temperature, top-k or top-p.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jaxtyping import Array, Float, Int
 
-from gemma_lab.model import Transformer
+from gemma_lab.model import Cache, Transformer
+from gemma_lab.tokenizer import Tokenizer
+
+DEFAULT_STOP_IDS = (1, 106)
+"""<eos> and <end_of_turn>."""
+
+_SMALL_BUCKET = 32
+_LARGE_STEP = 512
 
 
-@nnx.jit
-def _prefill(model: Transformer, tokens, positions, cache):
-    out = model.forward(tokens, positions, cache=cache)
-    return out.logits[:, -1], out.cache
+def bucket_length(n: int) -> int:
+    """The padded length used for `n` tokens.
+
+    Powers of two from 32 up to 512, then multiples of 512, so that prompts of
+    similar length share one compiled function and padding stays below half.
+
+    >>> [bucket_length(n) for n in (1, 33, 500, 600, 1100)]
+    [32, 64, 512, 1024, 1536]
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n > _LARGE_STEP:
+        return -(-n // _LARGE_STEP) * _LARGE_STEP
+    return max(_SMALL_BUCKET, 1 << (n - 1).bit_length())
 
 
-@nnx.jit
-def _decode_step(model: Transformer, token, position, cache):
-    out = model.forward(token[:, None], position[:, None], cache=cache)
-    return out.logits[:, -1], out.cache
+# Sampling: small pure functions over logits [B, V].
+
+
+def top_k_logits(logits: Float[Array, "B V"], k: int) -> Float[Array, "B V"]:
+    """Keeps the k largest logits of each row; the others become -inf.
+
+    Ties with the k-th largest value are kept too.
+    """
+    kth = jax.lax.top_k(logits, k)[0][:, -1:]
+    return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def top_p_logits(
+    logits: Float[Array, "B V"], p: float | Array
+) -> Float[Array, "B V"]:
+    """Keeps the smallest set of most likely tokens whose mass reaches p.
+
+    A token is kept when the probability mass of the tokens strictly more
+    likely than it is below p, so the most likely token is always kept and
+    p close to 0 keeps only it (greedy).
+    """
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(mass_before < p, ordered, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample_tokens(
+    logits: Float[Array, "B V"],
+    key: Array,
+    *,
+    temperature: float | Array,
+    top_k: int | None = None,
+    top_p: float | Array | None = None,
+) -> Int[Array, " B"]:
+    """Draws one token per row: temperature, then top-k, then top-p.
+
+    Args:
+        logits: next-token logits.
+        key: a `jax.random.key`; the same key gives the same tokens.
+        temperature: > 0; logits are divided by it.
+        top_k: keep only the k most likely tokens (None: all).
+        top_p: keep the nucleus of mass p (None: all).
+
+    Returns:
+        Token ids, int32.
+    """
+    scaled = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        scaled = top_k_logits(scaled, top_k)
+    if top_p is not None:
+        scaled = top_p_logits(scaled, top_p)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+def token_logprobs(
+    logits: Float[Array, "B V"], tokens: Int[Array, " B"]
+) -> Float[Array, " B"]:
+    """log p(token) under softmax(logits), in float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("greedy", "top_k", "use_top_p"))
+def _next_tokens(logits, key, step, temperature, top_p, *, greedy, top_k,
+                 use_top_p):  # fmt: skip
+    """One sampling step under jit; returns (tokens [B], logprobs [B])."""
+    if greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        tokens = sample_tokens(
+            logits,
+            jax.random.fold_in(key, step),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p if use_top_p else None,
+        )
+    return tokens, token_logprobs(logits, tokens)
+
+
+def truncate_cache(cache: Cache, lengths: Sequence[int]) -> Cache:
+    """Forgets cached positions >= lengths[b] in row b.
+
+    Exact only when each row drops at most its newest position: a local
+    layer's ring has already overwritten older slots that the dropped
+    positions displaced.
+    """
+    limit = jnp.asarray(lengths, jnp.int32)[:, None]
+    return tuple(
+        dataclasses.replace(
+            layer,
+            positions=jnp.where(layer.positions >= limit, -1, layer.positions),
+        )
+        for layer in cache
+    )
+
+
+def cache_capacity(cache: Cache) -> int:
+    """The most positions a row of `cache` can hold (its global slots)."""
+    return max(layer.positions.shape[1] for layer in cache)
+
+
+# Results and streaming text.
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    """What `Sampler.generate` returns; one entry per prompt (row).
+
+    Attributes:
+        tokens: the generated ids of each row, without the stop id.
+        texts: the decoded text of each row, cut before a stop string; None
+            when the sampler has no tokenizer.
+        finish_reasons: "stop_id", "stop_string" or "length" per row.
+        stop_tokens: the stop id that ended each row, or None.
+        logprobs: per-token log-probabilities of `tokens` under the model
+            (before temperature), or None unless requested.
+        logits: [B, steps, V] float32 next-token logits of every step (NumPy),
+            or None unless requested.
+        cache: the KV cache after the call. It holds every prompt token and
+            every generated token except the last one sampled.
+        lengths: positions held by the cache per row (prompt start + prompt
+            + generated tokens fed back).
+    """
+
+    tokens: list[list[int]]
+    texts: list[str] | None
+    finish_reasons: list[str]
+    stop_tokens: list[int | None]
+    logprobs: list[list[float]] | None = None
+    logits: np.ndarray | None = None
+    cache: Cache | None = dataclasses.field(default=None, repr=False)
+    lengths: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The text of a single-row result."""
+        if self.texts is None or len(self.texts) != 1:
+            raise ValueError("text needs a single row and a tokenizer")
+        return self.texts[0]
+
+
+def stable_text(text: str, stop_strings: Sequence[str] = ()) -> str:
+    """The prefix of a growing decoded text that later tokens cannot change.
+
+    Drops trailing U+FFFD (bytes of a character whose remaining bytes are
+    still to come, with byte-fallback tokens) and any tail that could be the
+    start of a stop string.
+    """
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for stop in stop_strings:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return text[: len(text) - hold]
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str | None:
+    """`text` cut before its first stop string, or None if it has none."""
+    hits = [text.find(s) for s in stop_strings if s in text]
+    return text[: min(hits)] if hits else None
+
+
+@dataclasses.dataclass
+class _Run:
+    """Mutable state of one generation while its steps are running."""
+
+    tokens: list[list[int]]
+    finish: list[str | None]
+    cut_texts: list[str | None]
+    logprobs: list[list[float]]
+    logits: list[np.ndarray]
+    lengths: np.ndarray
+    stop_tokens: list[int | None]
+    cache: Cache | None = None
+
+
+class TextStream:
+    """Iterates over text pieces as tokens arrive (one prompt).
+
+    Joining the pieces gives `result.text`; `result` is set once the
+    iteration is over.
+    """
+
+    def __init__(self, steps: Iterator[_Run], finalize, tokenizer, stops):
+        self._steps, self._finalize = steps, finalize
+        self._tokenizer, self._stops = tokenizer, tuple(stops)
+        self.result: SampleResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        emitted = ""
+        for run in self._steps:
+            if run.cut_texts[0] is not None:
+                continue
+            text = self._tokenizer.decode(run.tokens[0])
+            stable = stable_text(text, self._stops)
+            if len(stable) > len(emitted) and stable.startswith(emitted):
+                yield stable[len(emitted) :]
+                emitted = stable
+        self.result = self._finalize()
+        final = self.result.text
+        if len(final) > len(emitted):
+            yield final[len(emitted) :]
+
+
+# The sampler.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """Validated settings of one generation."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int
+    stop_ids: tuple[int, ...]
+    stop_strings: tuple[str, ...]
+    return_logprobs: bool
+    return_logits: bool
+
+
+def _validate(o: _Options, tokenizer: Tokenizer | None) -> None:
+    """Raises ValueError on settings that make no sense, before any work."""
+    if not isinstance(o.max_new_tokens, int) or o.max_new_tokens < 1:
+        raise ValueError(
+            f"max_new_tokens must be an int >= 1, got {o.max_new_tokens!r}"
+        )
+    if o.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {o.temperature}")
+    if o.top_k is not None and (not isinstance(o.top_k, int) or o.top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {o.top_k!r}")
+    if o.top_p is not None and not 0 < o.top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {o.top_p}")
+    if o.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a Sampler built with a tokenizer")
+    if any(not s for s in o.stop_strings):
+        raise ValueError(
+            f"stop_strings must be non-empty texts, got {o.stop_strings}"
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_steps(graphdef):
+    """Jit-compiled prefill and decode steps for one model structure.
+
+    Kept per structure, so samplers over equal models (or the same model
+    rebuilt after a weight change) share their compiled code.
+    """
+
+    def prefill(state, tokens, positions, cache, last):
+        module = nnx.merge(graphdef, state)
+        out = module.forward(
+            tokens, positions, cache=cache, return_logits=False
+        )
+        hidden = jnp.take_along_axis(out.hidden, last[:, None, None], 1)
+        return module.logits(hidden[:, 0]), out.cache
+
+    def decode(state, tokens, positions, cache):
+        module = nnx.merge(graphdef, state)
+        out = module.forward(tokens[:, None], positions[:, None], cache=cache)
+        return out.logits[:, 0], out.cache
+
+    return jax.jit(prefill), jax.jit(decode, donate_argnums=3)
+
+
+class Sampler:
+    """Generates text from a model with a KV cache and jit-compiled steps.
+
+    The weights are read once, when the sampler is built: build a new one
+    after changing the model's parameters. Compiled functions are kept per
+    sampler, so reuse one sampler for many calls.
+
+    Args:
+        model: the language model.
+        tokenizer: needed for text prompts, texts in results, stop strings
+            and streaming; optional for id-only use.
+
+    >>> sampler = Sampler(model, tokenizer)  # doctest: +SKIP
+    >>> sampler.generate("The sky is", max_new_tokens=8).text  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        graphdef, self._state = nnx.split(model)
+        self._prefill, self._decode = _compiled_steps(graphdef)
+
+    def init_cache(self, batch: int, max_len: int) -> Cache:
+        """An empty cache for `batch` rows of up to `max_len` positions."""
+        return self.model.init_cache(batch, max_len)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop_ids: Sequence[int] = DEFAULT_STOP_IDS,
+        stop_strings: Sequence[str] = (),
+        return_logprobs: bool = False,
+        return_logits: bool = False,
+        max_len: int | None = None,
+        truncate: bool = False,
+        cache: Cache | None = None,
+        start: int | Sequence[int] = 0,
+    ) -> SampleResult:
+        """Continues one prompt or a batch of prompts of any lengths.
+
+        Args:
+            prompts: a text, a list of texts, a list of ids, or a list of id
+                lists. Texts are encoded with BOS.
+            max_new_tokens: the most tokens generated per row (>= 1).
+            temperature: 0 for greedy decoding, else the sampling
+                temperature.
+            top_k: sample among the k most likely tokens only.
+            top_p: sample from the nucleus of probability mass p.
+            seed: the random seed; the same seed gives the same sample.
+            stop_ids: ids that end a row (not included in its tokens).
+            stop_strings: texts that end a row (cut from its text).
+            return_logprobs: include per-token log-probabilities.
+            return_logits: include the logits of every step [B, steps, V].
+            max_len: the cache length (prompt + new tokens per row). Default:
+                a bucket of the longest row's need, at most the model's
+                context `config.max_seq_len`.
+            truncate: when a row does not fit `max_len` (or the context),
+                drop its oldest tokens after BOS instead of raising.
+            cache: continue rows already held by this cache (from an earlier
+                result's `.cache`); the prompts are then the new tokens only.
+            start: with `cache`, the position of each row's first new token
+                (the earlier result's `.lengths`).
+
+        Returns:
+            A `SampleResult`.
+
+        Raises:
+            ValueError: on invalid settings, an empty prompt, or a row that
+                does not fit the cache or context (unless `truncate`), before
+                any computation.
+        """
+        opts = _Options(
+            max_new_tokens, float(temperature), top_k, top_p, int(seed),
+            tuple(stop_ids), tuple(stop_strings), return_logprobs,
+            return_logits,
+        )  # fmt: skip
+        run, steps = self._start(prompts, opts, max_len, truncate, cache, start)
+        for _ in steps:
+            pass
+        return self._result(run, opts)
+
+    def stream(self, prompt: str | Sequence[int], **kwargs) -> TextStream:
+        """Like `generate` for one prompt, yielding text as tokens arrive.
+
+        Takes the keyword arguments of `generate`. Text is only yielded once
+        it can no longer change: a character split over byte-fallback tokens
+        appears when its last byte arrives, and text that may begin a stop
+        string waits until it is clear. After the iteration, `.result` holds
+        the `SampleResult` (same tokens as `generate`).
+
+        >>> pieces = sampler.stream("Once", max_new_tokens=8)  # doctest: +SKIP
+        >>> print("".join(pieces))  # doctest: +SKIP
+        """
+        if self.tokenizer is None:
+            raise ValueError("stream needs a Sampler built with a tokenizer")
+        if (
+            not isinstance(prompt, str)
+            and prompt
+            and not isinstance(prompt[0], int | np.integer)
+        ):
+            raise ValueError("stream takes one prompt: a text or a list of ids")
+        opts = _Options(
+            kwargs.pop("max_new_tokens"), float(kwargs.pop("temperature", 0)),
+            kwargs.pop("top_k", None), kwargs.pop("top_p", None),
+            int(kwargs.pop("seed", 0)),
+            tuple(kwargs.pop("stop_ids", DEFAULT_STOP_IDS)),
+            tuple(kwargs.pop("stop_strings", ())),
+            kwargs.pop("return_logprobs", False),
+            kwargs.pop("return_logits", False),
+        )  # fmt: skip
+        run, steps = self._start(prompt, opts, **kwargs)
+        return TextStream(
+            steps, lambda: self._result(run, opts), self.tokenizer,
+            opts.stop_strings,
+        )  # fmt: skip
+
+    # Preparing a call.
+
+    def _rows(self, prompts) -> list[list[int]]:
+        """Prompts as lists of ids, one per row."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(prompts) and isinstance(prompts[0], int | np.integer):
+            prompts = [prompts]
+        rows = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError("text prompts need a tokenizer")
+                prompt = self.tokenizer.encode(prompt)
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty; expected >= 1 token")
+            rows.append([int(t) for t in prompt])
+        if not rows:
+            raise ValueError("prompts is empty; expected at least one prompt")
+        return rows
+
+    def _fit(self, rows, starts, opts, max_len, truncate, cache):
+        """Checks (or truncates) rows against the cache; returns max_len."""
+        context = self.model.config.max_seq_len
+        if cache is not None:
+            max_len = cache_capacity(cache)
+        elif max_len is None:
+            need = max(len(r) for r in rows) + opts.max_new_tokens
+            max_len = min(bucket_length(min(need, context)), context)
+        elif max_len > context:
+            raise ValueError(
+                f"max_len must be <= the model's context {context}, "
+                f"got {max_len}"
+            )
+        for i, row in enumerate(rows):
+            room = max_len - starts[i] - opts.max_new_tokens
+            if len(row) <= room:
+                continue
+            if not truncate or room < 2:
+                raise ValueError(
+                    f"prompt {i} ({len(row)} tokens) + max_new_tokens "
+                    f"({opts.max_new_tokens}) from position {starts[i]} "
+                    f"exceeds the cache length {max_len}; shorten the "
+                    "prompt, raise max_len, or pass truncate=True"
+                )
+            rows[i] = row[:1] + row[len(row) - room + 1 :]
+        return max_len
+
+    def _start(self, prompts, opts, max_len=None, truncate=False,
+               cache=None, start=0):  # fmt: skip
+        """Validates a call, then returns its run state and step iterator."""
+        _validate(opts, self.tokenizer)
+        rows = self._rows(prompts)
+        starts = [start] * len(rows) if isinstance(start, int) else list(start)
+        if len(starts) != len(rows) or min(starts) < 0:
+            raise ValueError(
+                f"start must be an int >= 0 or one per prompt ({len(rows)}), "
+                f"got {start!r}"
+            )
+        if cache is not None and cache[0].positions.shape[0] != len(rows):
+            raise ValueError(
+                f"cache holds {cache[0].positions.shape[0]} rows, "
+                f"got {len(rows)} prompts"
+            )
+        max_len = self._fit(rows, starts, opts, max_len, truncate, cache)
+        if cache is None:
+            cache = self.init_cache(len(rows), max_len)
+        run = _Run(
+            tokens=[[] for _ in rows],
+            finish=[None] * len(rows),
+            cut_texts=[None] * len(rows),
+            logprobs=[[] for _ in rows],
+            logits=[],
+            lengths=np.asarray(starts) + [len(r) for r in rows],
+            stop_tokens=[None] * len(rows),
+        )
+        return run, self._steps(run, rows, starts, cache, opts)
+
+    # Running a call.
+
+    def _steps(self, run, rows, starts, cache, opts) -> Iterator[_Run]:
+        """Prefills, then samples and decodes until every row is done."""
+        tokens, positions, last = _pack(rows, starts)
+        logits, cache = self._prefill(
+            self._state, tokens, positions, cache, last
+        )
+        key = jax.random.key(opts.seed)
+        flags = dict(
+            greedy=opts.temperature == 0,
+            top_k=opts.top_k,
+            use_top_p=opts.top_p is not None,
+        )
+        temperature = jnp.float32(max(opts.temperature, 1e-6))
+        top_p = jnp.float32(opts.top_p or 1.0)
+        for step in range(opts.max_new_tokens):
+            new, logprobs = _next_tokens(
+                logits, key, step, temperature, top_p, **flags
+            )
+            if opts.return_logits:
+                run.logits.append(np.asarray(logits, np.float32))
+            self._record(run, np.asarray(new), np.asarray(logprobs), opts)
+            yield run
+            done = all(f is not None for f in run.finish)
+            if done or step == opts.max_new_tokens - 1:
+                break
+            logits, cache = self._decode(
+                self._state, new, jnp.asarray(run.lengths, jnp.int32), cache
+            )
+            run.lengths = run.lengths + 1
+        for i, reason in enumerate(run.finish):
+            run.finish[i] = reason or "length"
+        run.cache = cache
+        yield run
+
+    def _record(self, run, new, logprobs, opts) -> None:
+        """Appends one step's tokens to the rows still running."""
+        for i, token in enumerate(new.tolist()):
+            if run.finish[i] is not None:
+                continue
+            if token in opts.stop_ids:
+                run.finish[i], run.stop_tokens[i] = "stop_id", token
+                continue
+            run.tokens[i].append(token)
+            run.logprobs[i].append(float(logprobs[i]))
+            if opts.stop_strings:
+                text = self.tokenizer.decode(run.tokens[i])
+                cut = _cut_at_stop(text, opts.stop_strings)
+                if cut is not None:
+                    run.finish[i], run.cut_texts[i] = "stop_string", cut
+
+    def _result(self, run: _Run, opts: _Options) -> SampleResult:
+        """Freezes a finished run into a `SampleResult`."""
+        texts = None
+        if self.tokenizer is not None:
+            texts = [
+                cut if cut is not None else self.tokenizer.decode(tokens)
+                for tokens, cut in zip(run.tokens, run.cut_texts, strict=True)
+            ]
+        logits = None
+        if opts.return_logits:
+            logits = np.stack(run.logits, axis=1)
+        return SampleResult(
+            tokens=run.tokens,
+            texts=texts,
+            finish_reasons=list(run.finish),
+            stop_tokens=list(run.stop_tokens),
+            logprobs=run.logprobs if opts.return_logprobs else None,
+            logits=logits,
+            cache=run.cache,
+            lengths=[int(n) for n in run.lengths],
+        )
+
+
+def _pack(rows, starts):
+    """Right-pads rows to a bucket: tokens, positions (-1 pads), last index."""
+    width = bucket_length(max(len(r) for r in rows))
+    tokens = np.zeros((len(rows), width), np.int32)
+    positions = np.full((len(rows), width), -1, np.int32)
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        tokens[i, : len(row)] = row
+        positions[i, : len(row)] = np.arange(start, start + len(row))
+    last = np.asarray([len(r) - 1 for r in rows], np.int32)
+    return tokens, positions, last
 
 
 def greedy(
@@ -30,59 +624,29 @@ def greedy(
     prompt: list[int],
     *,
     max_new_tokens: int,
-    stop_ids: tuple[int, ...] = (1, 106),
+    stop_ids: tuple[int, ...] = DEFAULT_STOP_IDS,
 ) -> list[int]:
-    """Greedy continuation of one prompt.
+    """Greedy continuation of one prompt, the stop id kept at the end.
+
+    A convenience over `Sampler` that compiles afresh on every call; build a
+    `Sampler` once for repeated use.
 
     Args:
         model: the language model.
         prompt: token ids, BOS included.
-        max_new_tokens: upper bound on generated tokens.
+        max_new_tokens: upper bound on generated tokens (0 returns []).
         stop_ids: generation ends after any of these ids (kept in the output).
 
     Returns:
         The generated ids, without the prompt.
-
-    Raises:
-        ValueError: empty prompt, or prompt plus new tokens longer than the
-            model's context.
     """
-    if not prompt:
-        raise ValueError("prompt must hold at least one token, got []")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    total = len(prompt) + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens "
-            f"({max_new_tokens}) exceeds the context of "
-            f"{model.config.max_seq_len} tokens"
-        )
-    cache = model.init_cache(1, total)
-    tokens = jnp.asarray([prompt], jnp.int32)
-    positions = jnp.arange(len(prompt), dtype=jnp.int32)[None]
-    logits, cache = _prefill(model, tokens, positions, cache)
-
-    generated = []
-    for step in range(max_new_tokens):
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        generated.append(int(token[0]))
-        if generated[-1] in stop_ids or step == max_new_tokens - 1:
-            break
-        position = jnp.asarray([len(prompt) + step], jnp.int32)
-        logits, cache = _decode_step(model, token, position, cache)
-    return generated
-
-
-def recompute_greedy(
-    model: Transformer, prompt: list[int], *, max_new_tokens: int
-) -> list[int]:
-    """Greedy continuation by recomputing the whole prefix at every step.
-
-    Slow and cache-free; the reference that `greedy` is tested against.
-    """
-    ids = list(prompt)
-    for _ in range(max_new_tokens):
-        logits = model(jnp.asarray([ids], jnp.int32))
-        ids.append(int(jnp.argmax(logits[0, -1])))
-    return ids[len(prompt) :]
+    if max_new_tokens == 0 and prompt:
+        return []
+    result = Sampler(model).generate(
+        list(prompt), max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+        return_logits=False,
+    )  # fmt: skip
+    ids = result.tokens[0]
+    if result.stop_tokens[0] is not None:
+        ids.append(result.stop_tokens[0])
+    return ids

@@ -1,0 +1,240 @@
+"""Gemma 3 chat: the turn template and a multi-turn session with a KV cache.
+
+Words used in this module:
+
+- message: a dict {"role": ..., "content": ...}. Roles are "system",
+  "user" and "assistant" (or its Gemma name "model").
+- turn: one message rendered as `<start_of_turn>{role}\\n{content}` followed
+  by `<end_of_turn>\\n`. Gemma 3 has no system role: a system message is
+  folded into the first user turn, followed by a blank line.
+- generation prompt: the opening `<start_of_turn>model\\n` of the turn the
+  model is to write. Generation stops at <end_of_turn>, which is not shown.
+
+The rendering follows the chat template shipped with the Gemma 3 instruction
+tuned checkpoints. A `ChatSession` keeps the KV cache between turns, so a new
+turn prefills only its own tokens, never the whole history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+from gemma_lab.sampler import Sampler, SampleResult
+
+_GEMMA_ROLE = {"user": "user", "assistant": "model", "model": "model"}
+
+
+def _check_messages(messages: Sequence[Mapping[str, str]]) -> list[tuple]:
+    """Validates messages; returns (gemma_role, content) turns."""
+    turns, system = [], None
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role != "system" and role not in _GEMMA_ROLE:
+            raise ValueError(
+                f"messages[{i}] has role {role!r}; expected 'system', "
+                "'user', 'assistant' or 'model'"
+            )
+        # A reply may be empty (the model can end its turn at once).
+        empty_ok = role in ("assistant", "model")
+        if not isinstance(content, str) or not (content.strip() or empty_ok):
+            raise ValueError(
+                f"messages[{i}] ({role}) has content {content!r}; expected "
+                "a non-empty str"
+            )
+        if role == "system":
+            if i != 0:
+                raise ValueError(
+                    f"messages[{i}] is a system message; only messages[0] "
+                    "may be one"
+                )
+            system = content
+            continue
+        expected = "user" if len(turns) % 2 == 0 else "model"
+        if _GEMMA_ROLE[role] != expected:
+            raise ValueError(
+                f"messages[{i}] has role {role!r}, expected a {expected} "
+                "turn: roles must alternate user, assistant, user, ..."
+            )
+        turns.append((expected, content))
+    if system is not None:
+        if not turns:
+            raise ValueError("a system message needs a user message after it")
+        turns[0] = ("user", f"{system}\n\n{turns[0][1]}")
+    return turns
+
+
+def render(
+    messages: Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+    bos: bool = True,
+) -> str:
+    """Renders messages in the Gemma 3 chat format.
+
+    Args:
+        messages: {"role", "content"} dicts; an optional system message
+            first, then user and assistant turns alternating, user first.
+        add_generation_prompt: end with `<start_of_turn>model\\n`; the last
+            message must then be a user message.
+        bos: start with "<bos>" (`Tokenizer.encode` reads it as the BOS id).
+
+    Returns:
+        The rendered text.
+
+    Raises:
+        ValueError: unknown role, empty content, roles that do not
+            alternate, a misplaced system message, or a generation prompt
+            after an assistant message.
+
+    >>> render([{"role": "system", "content": "Be brief."},
+    ...         {"role": "user", "content": "Hi"}])
+    '<bos><start_of_turn>user\\nBe brief.\\n\\nHi<end_of_turn>\\n<start_of_turn>model\\n'
+    """  # noqa: E501
+    turns = _check_messages(messages)
+    if add_generation_prompt and turns and turns[-1][0] != "user":
+        raise ValueError(
+            "add_generation_prompt needs the last message to be a user "
+            f"message, got a {turns[-1][0]} turn"
+        )
+    text = "<bos>" if bos else ""
+    for role, content in turns:
+        text += f"<start_of_turn>{role}\n{content}<end_of_turn>\n"
+    if add_generation_prompt:
+        text += "<start_of_turn>model\n"
+    return text
+
+
+class ChatSession:
+    """A multi-turn conversation that keeps its KV cache between turns.
+
+    Each `send` prefills only the new user turn (plus the closing marker of
+    the previous reply) into the cache, then generates the reply. `rewind`
+    and `reset` drop turns; the next `send` then prefills the kept history
+    once.
+
+    Args:
+        sampler: a `Sampler` built with a tokenizer.
+        system: an optional system message, folded into the first turn.
+        max_len: the most tokens the conversation may hold (cache length).
+        max_new_tokens: the default reply length limit.
+        **sampling: default sampling settings of `Sampler.generate`
+            (temperature, top_k, top_p, seed).
+
+    >>> chat = ChatSession(Sampler(model, tokenizer))  # doctest: +SKIP
+    >>> chat.send("Name a colour.")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        *,
+        system: str | None = None,
+        max_len: int = 2048,
+        max_new_tokens: int = 256,
+        **sampling,
+    ):
+        if sampler.tokenizer is None:
+            raise ValueError("ChatSession needs a Sampler with a tokenizer")
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.sampler, self.system, self.max_len = sampler, system, max_len
+        self.max_new_tokens, self.sampling = max_new_tokens, sampling
+        self.reset()
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation so far, system message first when given."""
+        head = [{"role": "system", "content": self.system}]
+        return (head if self.system else []) + [dict(m) for m in self._turns]
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The ids of the conversation so far (cached and pending)."""
+        return self._fed + self._pending
+
+    def reset(self) -> None:
+        """Forgets every turn (the system message stays)."""
+        self._turns: list[dict[str, str]] = []
+        self._forget_cache()
+
+    def rewind(self, turns: int = 1) -> None:
+        """Drops the last `turns` exchanges (user message and reply)."""
+        exchanges = len(self._turns) // 2
+        if not 0 <= turns <= exchanges:
+            raise ValueError(
+                f"turns must lie in [0, {exchanges}] (the exchanges so far), "
+                f"got {turns}"
+            )
+        del self._turns[len(self._turns) - 2 * turns :]
+        self._forget_cache()
+
+    def send(self, text: str, **overrides) -> str:
+        """Adds a user message and returns the model's reply.
+
+        Args:
+            text: the user message.
+            **overrides: settings of `Sampler.generate` for this turn only.
+
+        Returns:
+            The reply, without <end_of_turn>.
+        """
+        new_ids, kwargs = self._prepare(text, overrides)
+        result = self.sampler.generate(new_ids, **kwargs)
+        return self._finish(text, new_ids, result)
+
+    def stream(self, text: str, **overrides) -> Iterator[str]:
+        """Like `send`, yielding the reply's text as tokens arrive.
+
+        The turn is recorded once the iteration is over.
+        """
+        new_ids, kwargs = self._prepare(text, overrides)
+        pieces = self.sampler.stream(new_ids, **kwargs)
+        yield from pieces
+        self._finish(text, new_ids, pieces.result)
+
+    # Internals.
+
+    def _forget_cache(self) -> None:
+        self._cache, self._fed, self._pending = None, [], []
+
+    def _prepare(self, text: str, overrides: dict) -> tuple[list[int], dict]:
+        """The ids to prefill for a new user turn, and generate's kwargs."""
+        user = {"role": "user", "content": text}
+        messages = self.messages + [user]
+        render(messages)  # Validates roles and content before any work.
+        tokenizer = self.sampler.tokenizer
+        if self._cache is None:
+            new_ids = tokenizer.encode(render(messages))
+        else:
+            turn = render([user], bos=False)
+            new_ids = self._pending + tokenizer.encode(
+                "\n" + turn, add_bos=False
+            )
+        kwargs = {"max_new_tokens": self.max_new_tokens, **self.sampling}
+        kwargs.update(overrides)
+
+        need = len(self._fed) + len(new_ids) + kwargs["max_new_tokens"]
+        if need > self.max_len:
+            raise ValueError(
+                f"the conversation would reach {need} tokens, over max_len "
+                f"{self.max_len}; call reset() or rewind(), or build the "
+                "session with a larger max_len"
+            )
+        if self._cache is None:
+            self._cache = self.sampler.init_cache(1, self.max_len)
+        kwargs.update(cache=self._cache, start=len(self._fed))
+        return new_ids, kwargs
+
+    def _finish(self, text: str, new_ids, result: SampleResult) -> str:
+        """Records a finished turn and the cache state after it."""
+        reply_ids = result.tokens[0]
+        fed = result.lengths[0] - len(self._fed) - len(new_ids)
+        self._fed = self._fed + new_ids + reply_ids[:fed]
+        end_of_turn = self.sampler.tokenizer.end_of_turn_id
+        self._pending = reply_ids[fed:] + [end_of_turn]
+        self._cache = result.cache
+
+        reply = self.sampler.tokenizer.decode(reply_ids)
+        self._turns.append({"role": "user", "content": text})
+        self._turns.append({"role": "assistant", "content": reply})
+        return reply

@@ -1,0 +1,103 @@
+"""Tests of gemma_lab.chat: the Gemma 3 template and multi-turn sessions."""
+
+import pytest
+
+from gemma_lab.chat import ChatSession, render
+from gemma_lab.sampler import Sampler
+
+MAX_LEN = 1024
+
+
+def test_render_folds_the_system_message_into_the_first_user_turn():
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
+    assert render(messages) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+
+
+def test_rendered_ids_hold_exactly_one_bos(real_model):
+    _, tokenizer = real_model
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
+    ids = tokenizer.encode(render(messages))
+    assert ids[0] == tokenizer.bos_id and ids.count(tokenizer.bos_id) == 1
+
+
+def test_render_writes_assistant_as_model_without_generation_prompt():
+    messages = [
+        {"role": "user", "content": "A"},
+        {"role": "assistant", "content": "B"},
+    ]
+    assert render(messages, add_generation_prompt=False) == (
+        "<bos><start_of_turn>user\nA<end_of_turn>\n"
+        "<start_of_turn>model\nB<end_of_turn>\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "messages,match",
+    [
+        ([{"role": "robot", "content": "x"}], "role 'robot'"),
+        ([{"role": "user", "content": "  "}], "non-empty"),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+            ],
+            "alternate",
+        ),
+        ([{"role": "assistant", "content": "a"}], "alternate"),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "system", "content": "b"},
+            ],
+            "only messages\\[0\\]",
+        ),
+    ],
+)
+def test_render_rejects_bad_conversations(messages, match):
+    with pytest.raises(ValueError, match=match):
+        render(messages)
+
+
+@pytest.fixture(scope="module")
+def sampler(real_model):
+    model, tokenizer = real_model
+    return Sampler(model, tokenizer)
+
+
+def test_second_turn_equals_one_call_over_the_rendered_history(sampler):
+    session = ChatSession(
+        sampler, system="Be brief.", max_len=MAX_LEN, max_new_tokens=12
+    )
+    session.send("What is the capital of France?")
+    second = session.send("And of Italy?")
+
+    history = session.messages[:-1]
+    ids = sampler.tokenizer.encode(render(history))
+    assert session.token_ids[: len(ids)] == ids
+    alone = sampler.generate(ids, max_new_tokens=12, max_len=MAX_LEN)
+    assert alone.text == second
+
+
+def test_streamed_turn_equals_sent_turn_and_rewind_replays_it(sampler):
+    session = ChatSession(sampler, max_len=MAX_LEN, max_new_tokens=8)
+    first = session.send("Name a fruit.")
+    session.rewind()
+    assert session.messages == []
+    streamed = "".join(session.stream("Name a fruit."))
+    assert streamed == first
+    assert session.messages[-1] == {"role": "assistant", "content": first}
+
+
+def test_session_refuses_a_turn_beyond_max_len(sampler):
+    session = ChatSession(sampler, max_len=32, max_new_tokens=16)
+    with pytest.raises(ValueError, match="over max_len 32"):
+        session.send("Tell me a very long story about the sea, please.")

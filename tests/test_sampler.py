@@ -1,0 +1,231 @@
+"""Tests of gemma_lab.sampler: sampling functions, cache, batches, streams.
+
+Real-model tests share one sampler and one cache length (1024), so the
+prefill and decode steps compile only a few times for the whole module.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_lab import testing
+from gemma_lab.sampler import (
+    DEFAULT_STOP_IDS,
+    Sampler,
+    bucket_length,
+    greedy,
+    stable_text,
+    top_k_logits,
+    top_p_logits,
+)
+
+MAX_LEN = 1024
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def sampler(real_model):
+    model, tokenizer = real_model
+    return Sampler(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def long_ids(real_model):
+    """A 600-token prompt of ordinary prose."""
+    _, tokenizer = real_model
+    text = " ".join(
+        f"Paragraph {i}: the river ran past the old mill and the town."
+        for i in range(80)
+    )
+    ids = tokenizer.encode(text)
+    assert len(ids) >= 600
+    return ids[:600]
+
+
+def _recomputed_logits(model, ids, steps):
+    """Next-token logits of the last `steps` prefixes, without a cache.
+
+    The model is causal, so one cache-free pass over the whole sequence
+    gives, at each position, the logits of recomputing that prefix alone.
+    """
+    tokens = jnp.asarray([ids], jnp.int32)
+    hidden = model.forward(tokens, return_logits=False).hidden
+    start = len(ids) - steps
+    return np.asarray(model.logits(hidden[0, start - 1 : len(ids) - 1]))
+
+
+# Pure functions.
+
+
+def test_bucket_length_rounds_up_to_powers_then_multiples_of_512():
+    assert [bucket_length(n) for n in (1, 32, 33, 512, 513, 1100)] == [
+        32,
+        32,
+        64,
+        512,
+        1024,
+        1536,
+    ]
+
+
+def test_top_k_keeps_exactly_the_k_largest_logits():
+    logits = jnp.asarray([[0.1, 3.0, -1.0, 2.0, 0.5]])
+    kept = np.isfinite(np.asarray(top_k_logits(logits, 2)))
+    np.testing.assert_array_equal(kept, [[False, True, False, True, False]])
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    probs = np.asarray([[0.5, 0.3, 0.15, 0.05]])
+    logits = jnp.log(jnp.asarray(probs))
+    assert np.isfinite(np.asarray(top_p_logits(logits, 0.7))).tolist() == [
+        [True, True, False, False]
+    ]
+    assert np.isfinite(np.asarray(top_p_logits(logits, 1e-6))).tolist() == [
+        [True, False, False, False]
+    ]
+
+
+def test_stable_text_holds_back_partial_characters_and_stop_prefixes():
+    assert stable_text("ab\ufffd\ufffd") == "ab"
+    assert stable_text("hello wor", ["world"]) == "hello "
+    assert stable_text("hello", ["world"]) == "hello"
+
+
+def test_stable_prefixes_of_byte_fallback_tokens_rebuild_the_text(
+    real_model,
+):
+    _, tokenizer = real_model
+    text = "a\U00010348b\u0fd5"  # Both characters fall back to bytes.
+    ids = tokenizer.encode(text, add_bos=False)
+    assert len(ids) > 4
+    emitted = ""
+    for n in range(1, len(ids) + 1):
+        stable = stable_text(tokenizer.decode(ids[:n]))
+        assert stable.startswith(emitted) and "\ufffd" not in stable
+        emitted = stable
+    assert emitted == text
+
+
+# Cached decoding on the tiny model.
+
+
+def test_tiny_cached_greedy_equals_recomputing_the_prefix():
+    model = testing.tiny_model(3)
+    prompt = [2, 17, 99, 4, 250, 31, 8, 9, 10, 11]
+    got = greedy(model, prompt, max_new_tokens=12, stop_ids=())
+    # One cache-free causal pass recomputes every prefix at once.
+    logits = model(jnp.asarray([prompt + got]))[0, len(prompt) - 1 : -1]
+    assert got == np.argmax(np.asarray(logits), axis=-1).tolist()
+
+
+def test_invalid_settings_raise_before_work():
+    sampler = Sampler(testing.tiny_model(0))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sampler.generate([2, 3], max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        sampler.generate([2, 3], max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="exceeds the cache length 64"):
+        sampler.generate(list(range(2, 62)), max_new_tokens=8, max_len=64)
+    with pytest.raises(ValueError, match="empty"):
+        sampler.generate([[2, 3], []], max_new_tokens=2)
+
+
+def test_truncate_keeps_bos_and_the_newest_tokens():
+    sampler = Sampler(testing.tiny_model(0))
+    prompt = [2, *range(10, 70)]
+    kept = [2, *range(70 - 55, 70)]
+    kw = dict(max_new_tokens=8, max_len=64, stop_ids=())
+    a = sampler.generate(prompt, truncate=True, **kw)
+    b = sampler.generate(kept, **kw)
+    assert a.tokens == b.tokens and a.lengths == [56 + 7]
+
+
+# The real 270M.
+
+
+def test_default_stop_ids_are_eos_and_end_of_turn():
+    assert 1 in DEFAULT_STOP_IDS and 106 in DEFAULT_STOP_IDS
+
+
+@pytest.mark.parametrize("prompt_len,new", [(600, 16), (500, 30)])
+def test_cached_decoding_equals_recomputing_the_prefix(
+    real_model, sampler, long_ids, prompt_len, new
+):
+    model, _ = real_model
+    ids = long_ids[:prompt_len]
+    result = sampler.generate(
+        ids, max_new_tokens=new, stop_ids=(), return_logits=True
+    )
+    assert len(result.tokens[0]) == new
+    assert result.lengths == [prompt_len + new - 1]
+    expected = _recomputed_logits(model, ids + result.tokens[0], new)
+    np.testing.assert_allclose(result.logits[0], expected, atol=1e-3)
+
+
+def test_ragged_batch_rows_equal_single_prompt_runs(
+    real_model, sampler, long_ids
+):
+    _, tokenizer = real_model
+    rows = [[tokenizer.bos_id], long_ids]
+    kw = dict(max_new_tokens=16, stop_ids=(), return_logits=True)
+    batch = sampler.generate(rows, max_len=MAX_LEN, **kw)
+    assert np.isfinite(batch.logits).all()
+    for i, row in enumerate(rows):
+        alone = sampler.generate(row, max_len=MAX_LEN, **kw)
+        assert batch.tokens[i] == alone.tokens[0]
+        np.testing.assert_allclose(batch.logits[i], alone.logits[0], atol=1e-3)
+
+
+def test_greedy_continues_a_prompt_with_the_known_answer(sampler):
+    result = sampler.generate(PROMPT, max_new_tokens=8, max_len=MAX_LEN)
+    assert "France" in result.text and result.finish_reasons == ["length"]
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(sampler):
+    kw = dict(max_new_tokens=8, max_len=MAX_LEN)
+    greedy_ids = sampler.generate(PROMPT, **kw).tokens
+    top_k = sampler.generate(PROMPT, temperature=1.0, top_k=1, seed=5, **kw)
+    top_p = sampler.generate(PROMPT, temperature=1.0, top_p=1e-6, seed=5, **kw)
+    assert top_k.tokens == greedy_ids and top_p.tokens == greedy_ids
+
+
+def test_same_seed_same_sample_and_different_seeds_differ(sampler):
+    kw = dict(max_new_tokens=12, max_len=MAX_LEN, temperature=1.0)
+    first = sampler.generate(PROMPT, seed=1, **kw).tokens
+    again = sampler.generate(PROMPT, seed=1, **kw).tokens
+    other = sampler.generate(PROMPT, seed=2, **kw).tokens
+    assert first == again and first != other
+
+
+def test_streaming_yields_the_same_tokens_and_text(sampler):
+    kw = dict(max_new_tokens=12, max_len=MAX_LEN, temperature=1.0, seed=3)
+    whole = sampler.generate(PROMPT, **kw)
+    stream = sampler.stream(PROMPT, **kw)
+    pieces = list(stream)
+    assert stream.result.tokens == whole.tokens
+    assert "".join(pieces) == whole.text
+
+
+def test_multi_token_stop_string_cuts_the_text(sampler):
+    kw = dict(max_new_tokens=12, max_len=MAX_LEN)
+    full = sampler.generate(PROMPT, **kw).text
+    stop = full[6:14]  # Several tokens long.
+    cut = sampler.generate(PROMPT, stop_strings=[stop], **kw)
+    assert cut.text == full[: full.index(stop)]
+    assert cut.finish_reasons == ["stop_string"]
+    streamed = "".join(sampler.stream(PROMPT, stop_strings=[stop], **kw))
+    assert streamed == cut.text
+
+
+def test_logprobs_are_the_models_log_softmax(sampler):
+    result = sampler.generate(
+        PROMPT,
+        max_new_tokens=4,
+        max_len=MAX_LEN,
+        return_logprobs=True,
+        return_logits=True,
+    )
+    logits = result.logits[0]
+    expected = jax.nn.log_softmax(logits)[np.arange(4), result.tokens[0]]
+    np.testing.assert_allclose(result.logprobs[0], expected, atol=1e-5)
