@@ -1,0 +1,414 @@
+"""Low-rank adapters (LoRA) around the model's projections.
+
+Vocabulary:
+- target: the attribute name of a projection to adapt, one of `TARGETS`
+  (`q_proj`, `k_proj`, `v_proj`, `o_proj` in attention; `gate_proj`,
+  `up_proj`, `down_proj` in the MLP).
+- adapter: two matrices A [I, R] and B [R, O] added to a frozen base kernel
+  [I, O] as `y = x @ kernel + (alpha / R) * (x @ A) @ B` (Hu et al., 2021).
+  B starts at zero, so a freshly adapted model equals its base model.
+- `LoRAParam`: the parameter type of A and B. Optimizers select trainable
+  weights by this type (`nnx.Optimizer(model, tx, wrt=LoRAParam)` or
+  `nnx.split(model, LoRAParam, ...)`); the base weights stay untouched.
+- merge: fold `(alpha / R) * A @ B` into the base kernel for inference;
+  unmerge subtracts it again.
+- adapter file: a safetensors file holding only A and B, whose metadata
+  records rank, alpha, targets and an identity of the base model (its config
+  name and a hash of its embedding table), so loading onto another base fails
+  clearly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+from gemma_lab.layers import Linear
+from gemma_lab.model import Transformer
+
+TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+"""Every projection LoRA can adapt, by attribute name."""
+
+FORMAT = "gemma_lab.lora/1"
+
+
+class LoRAParam(nnx.Param):
+    """Parameter type of adapter matrices; optimizers select it by type."""
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter file does not fit the model it is loaded onto."""
+
+
+def lora_delta(
+    a: Float[Array, "I R"], b: Float[Array, "R O"], scale: float
+) -> Float[Array, "I O"]:
+    """The kernel update `scale * A @ B` that an adapter stands for."""
+    return scale * jnp.einsum("IR,RO->IO", a, b)
+
+
+class LoRALinear(nnx.Module):
+    """A frozen `Linear` plus a trainable low-rank update.
+
+    Args:
+        base: the projection to adapt; kept as is (its kernel stays an
+            `nnx.Param`, so it is not trained).
+        rank: R, the adapter's rank (> 0).
+        alpha: scale numerator; the update is multiplied by alpha / R.
+        rngs: random stream for A; keyword-only.
+
+    A is drawn uniformly from +-1/sqrt(I), as in PEFT; B is zero.
+    """
+
+    def __init__(self, base: Linear, *, rank: int, alpha: float, rngs):
+        in_features, out_features = base.kernel[...].shape
+        dtype = base.kernel[...].dtype
+        bound = 1.0 / np.sqrt(in_features)
+        init = nnx.initializers.uniform(2 * bound)
+        a = init(rngs.params(), (in_features, rank), dtype) - bound
+        self.base = base
+        self.lora_a = LoRAParam(a)
+        self.lora_b = LoRAParam(jnp.zeros((rank, out_features), dtype))
+        self.rank, self.alpha = rank, float(alpha)
+        self.merged = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def __call__(self, x: Float[Array, "... I"]) -> Float[Array, "... O"]:
+        y = self.base(x)
+        if self.merged:
+            return y
+        dtype = self.base.dtype
+        down = jnp.einsum(
+            "...I,IR->...R", x.astype(dtype), self.lora_a[...].astype(dtype)
+        )
+        up = jnp.einsum("...R,RO->...O", down, self.lora_b[...].astype(dtype))
+        return y + jnp.asarray(self.scale, dtype) * up
+
+    def merge(self) -> None:
+        """Adds the update to the base kernel (no-op when merged)."""
+        if not self.merged:
+            self._shift(+1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Removes the update from the base kernel (no-op when unmerged)."""
+        if self.merged:
+            self._shift(-1.0)
+            self.merged = False
+
+    def _shift(self, sign: float) -> None:
+        kernel = self.base.kernel[...]
+        delta = lora_delta(
+            self.lora_a[...].astype(jnp.float32),
+            self.lora_b[...].astype(jnp.float32),
+            self.scale,
+        )
+        new = kernel.astype(jnp.float32) + sign * delta
+        self.base.kernel[...] = new.astype(kernel.dtype)
+
+
+def _check_targets(targets) -> tuple[str, ...]:
+    targets = tuple(targets)
+    unknown = [t for t in targets if t not in TARGETS]
+    if not targets or unknown:
+        raise ValueError(
+            f"targets must be a non-empty subset of {TARGETS}, got {targets}"
+        )
+    return targets
+
+
+def apply_lora(
+    model: Transformer,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    targets=TARGETS,
+    rngs: nnx.Rngs | None = None,
+) -> Transformer:
+    """Wraps the named projections of `model` in `LoRALinear`, in place.
+
+    Args:
+        model: the model to adapt; must not carry adapters yet.
+        rank: R > 0.
+        alpha: scale numerator (alpha / R); default 2 * rank.
+        targets: projection names from `TARGETS`.
+        rngs: random streams for A; default `nnx.Rngs(0)`.
+
+    Returns:
+        `model` itself, now with adapters equal to zero updates.
+
+    Raises:
+        ValueError: bad rank or targets, or the model already has adapters.
+
+    >>> from gemma_lab import testing
+    >>> model = apply_lora(testing.tiny_model(), rank=4)
+    >>> len(adapters(model))
+    28
+    """
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    targets = _check_targets(targets)
+    if adapters(model):
+        raise ValueError("model already carries LoRA adapters")
+    alpha = 2.0 * rank if alpha is None else alpha
+    rngs = rngs or nnx.Rngs(0)
+    found = []
+    for _, module in nnx.iter_modules(model):
+        for name in targets:
+            if isinstance(getattr(module, name, None), Linear):
+                found.append((module, name))
+    for module, name in found:
+        wrapped = LoRALinear(
+            getattr(module, name), rank=rank, alpha=alpha, rngs=rngs
+        )
+        setattr(module, name, wrapped)
+    return model
+
+
+def adapters(model: Transformer) -> dict[str, LoRALinear]:
+    """The model's `LoRALinear` modules keyed by dotted path."""
+    return {
+        ".".join(str(p) for p in path): module
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, LoRALinear)
+    }
+
+
+def merge(model: Transformer) -> Transformer:
+    """Folds every adapter into its base kernel, in place (for inference)."""
+    for module in adapters(model).values():
+        module.merge()
+    return model
+
+
+def unmerge(model: Transformer) -> Transformer:
+    """Undoes `merge`, in place; training continues from the same state."""
+    for module in adapters(model).values():
+        module.unmerge()
+    return model
+
+
+def base_identity(model: Transformer) -> str:
+    """A short hash naming the base model: config name + embedding sample.
+
+    The embedding table is never adapted or merged into, so the identity is
+    the same before and after merging. Values are hashed after rounding to
+    bfloat16, so float32 and bfloat16 loads of one checkpoint agree.
+    """
+    table = model.embedder.embedding[...]
+    rows = table[:: max(1, table.shape[0] // 64)]
+    sample = np.asarray(rows.astype(jnp.bfloat16).astype(jnp.float32))
+    digest = hashlib.sha256(sample.tobytes()).hexdigest()[:16]
+    return f"{model.config.name}:{digest}"
+
+
+def adapter_settings(model: Transformer) -> dict:
+    """rank, alpha and targets of the model's adapters (empty if none)."""
+    found = adapters(model)
+    if not found:
+        return {}
+    first = next(iter(found.values()))
+    targets = sorted({path.rsplit(".", 1)[-1] for path in found})
+    return {"rank": first.rank, "alpha": first.alpha, "targets": targets}
+
+
+def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file and a rename.
+
+    A reader sees either the old file or the complete new one, never a
+    partial write, even when the process dies midway.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_tensors(model: Transformer) -> dict[str, np.ndarray]:
+    """{"<path>.lora_a": A, "<path>.lora_b": B} as float32 numpy arrays."""
+    tensors = {}
+    for path, module in adapters(model).items():
+        for name in ("lora_a", "lora_b"):
+            value = jax.device_get(getattr(module, name)[...])
+            tensors[f"{path}.{name}"] = np.asarray(value, np.float32)
+    return tensors
+
+
+def save_adapter(model: Transformer, path: os.PathLike) -> pathlib.Path:
+    """Saves only the adapters of `model` as safetensors, atomically.
+
+    Args:
+        model: a model carrying adapters (merged or not).
+        path: destination file, e.g. "bbc_topics.safetensors".
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: the model carries no adapters.
+    """
+    from safetensors.numpy import save
+
+    settings = adapter_settings(model)
+    if not settings:
+        raise ValueError("model carries no LoRA adapters; see apply_lora")
+    metadata = {
+        "format": FORMAT,
+        "rank": str(settings["rank"]),
+        "alpha": repr(settings["alpha"]),
+        "targets": json.dumps(settings["targets"]),
+        "base": base_identity(model),
+    }
+    data = save(adapter_tensors(model), metadata=metadata)
+    atomic_write_bytes(path, data)
+    return pathlib.Path(path)
+
+
+def read_adapter(path: os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """Reads an adapter file: (metadata with typed values, tensors)."""
+    from safetensors import safe_open
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {str(path)!r} does not exist")
+    with safe_open(str(path), framework="numpy") as f:
+        raw = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if raw.get("format") != FORMAT:
+        raise AdapterMismatchError(
+            f"{str(path)!r} is not a gemma_lab adapter file: format is "
+            f"{raw.get('format')!r}, expected {FORMAT!r}"
+        )
+    meta = {
+        "rank": int(raw["rank"]),
+        "alpha": float(raw["alpha"]),
+        "targets": json.loads(raw["targets"]),
+        "base": raw["base"],
+    }
+    return meta, tensors
+
+
+def _check_fit(model, meta, tensors, path) -> None:
+    identity = base_identity(model)
+    if meta["base"] != identity:
+        raise AdapterMismatchError(
+            f"adapter {str(path)!r} was trained on base {meta['base']!r}, "
+            f"but the model is {identity!r}"
+        )
+    settings = adapter_settings(model)
+    wanted = {k: meta[k] for k in ("rank", "alpha", "targets")}
+    if settings and settings != wanted:
+        raise AdapterMismatchError(
+            f"model already carries adapters {settings}, the file holds "
+            f"{wanted}"
+        )
+
+
+def load_adapter(model: Transformer, path: os.PathLike) -> Transformer:
+    """Loads an adapter file onto `model`, in place.
+
+    Adapters are created with the file's rank, alpha and targets when the
+    model has none; existing adapters must have the same settings. A merged
+    model is unmerged first and merged again afterwards.
+
+    Args:
+        model: a loaded base model, with or without adapters.
+        path: a file written by `save_adapter`.
+
+    Returns:
+        `model`, carrying the loaded adapters.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        AdapterMismatchError: other base model, settings, names or shapes.
+    """
+    meta, tensors = read_adapter(path)
+    _check_fit(model, meta, tensors, path)
+    if not adapters(model):
+        apply_lora(
+            model,
+            rank=meta["rank"],
+            alpha=meta["alpha"],
+            targets=meta["targets"],
+        )
+    found = adapters(model)
+    expected = {f"{p}.{n}" for p in found for n in ("lora_a", "lora_b")}
+    missing, extra = expected - set(tensors), set(tensors) - expected
+    if missing or extra:
+        raise AdapterMismatchError(
+            f"adapter {str(path)!r} does not fit: missing "
+            f"{sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
+        )
+    _assign(found, tensors, path)
+    return model
+
+
+def _assign(found: dict[str, LoRALinear], tensors, path) -> None:
+    for name, module in found.items():
+        was_merged = module.merged
+        module.unmerge()
+        for part in ("lora_a", "lora_b"):
+            param = getattr(module, part)
+            value = tensors[f"{name}.{part}"]
+            if value.shape != param[...].shape:
+                raise AdapterMismatchError(
+                    f"adapter {str(path)!r}: {name}.{part} has shape "
+                    f"{value.shape}, the model expects {param[...].shape}"
+                )
+            param[...] = jnp.asarray(value, param[...].dtype)
+        if was_merged:
+            module.merge()
+
+
+def parameter_counts(model: Transformer) -> tuple[int, int]:
+    """(adapter parameters, all parameters) of `model`."""
+    adapter = sum(x.size for x in jax.tree.leaves(nnx.state(model, LoRAParam)))
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return adapter, total
+
+
+def merged_model(model: Transformer) -> Transformer:
+    """A plain copy of `model` with every adapter folded into its kernel.
+
+    The copy has no `LoRALinear` left, so it has the same structure as the
+    base model: functions compiled for the base (e.g. greedy decoding) are
+    reused without compiling again. `model` itself is not changed.
+    """
+    graphdef, state = nnx.split(model)
+    # Fresh variables, so that merging into the copy leaves `model` as is.
+    copy = nnx.merge(graphdef, jax.tree.map(jnp.array, state))
+    for _, module in list(nnx.iter_modules(copy)):
+        for name in TARGETS:
+            wrapper = getattr(module, name, None)
+            if isinstance(wrapper, LoRALinear):
+                wrapper.merge()
+                setattr(module, name, wrapper.base)
+    return copy

@@ -1,0 +1,137 @@
+"""BBC News topic examples, user JSONL, encoding and exact match."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_lab import data, testing, training
+
+
+class _CharTokenizer:
+    """A stand-in tokenizer: one id per character, fixed special ids."""
+
+    bos_id, eos_id, end_of_turn_id = 2, 1, 106
+
+    def encode(self, text, add_bos=True):
+        ids = [3 + (ord(c) % 400) for c in text]
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids):
+        return "".join(chr(i - 3) for i in ids)
+
+
+def test_bbc_news_topics_cover_five_topics_without_overlap():
+    train, held_out = data.bbc_news_topics(num_held_out=50, seed=0)
+    # 2,225 files, of which 2,107 distinct title + lead prompts.
+    assert len(train) + len(held_out) == 2107
+    assert {e.answer for e in train} == set(data.TOPICS)
+    assert not {e.prompt for e in held_out} & {e.prompt for e in train}
+    example = held_out[0]
+    assert example.prompt.startswith("<start_of_turn>user\n")
+    assert example.prompt.endswith("<start_of_turn>model\n")
+    assert example.response == example.answer + "<end_of_turn>"
+
+
+def test_held_out_split_is_chosen_by_the_seed():
+    _, a = data.bbc_news_topics(num_held_out=20, seed=0)
+    _, b = data.bbc_news_topics(num_held_out=20, seed=0)
+    _, c = data.bbc_news_topics(num_held_out=20, seed=1)
+    assert a == b
+    assert a != c
+
+
+def test_no_bbc_file_carries_a_canary_string():
+    folder = data.bbc_news_folder()
+    texts = [p.read_text(errors="ignore") for p in folder.rglob("*.txt")]
+    assert len(texts) == 2225
+    assert not any(data.has_canary(t) for t in texts)
+    assert data.has_canary("BIG-bench canary GUID 26b5c67b")
+    assert not data.has_canary("offices at Canary Wharf")
+
+
+def test_read_jsonl_takes_pairs_and_chat_turns(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    lines = [
+        {"prompt": "2+2?", "response": "4"},
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Name?"},
+                {"role": "model", "content": "Gemma"},
+            ]
+        },
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    first, second = data.read_jsonl(path)
+    assert first.prompt == (
+        "<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert first.response == "4<end_of_turn>"
+    assert second.prompt.count("<start_of_turn>model\n") == 2
+    assert second.answer == "Gemma"
+
+
+def test_read_jsonl_names_the_bad_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"text": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl line 2"):
+        data.read_jsonl(path)
+
+
+def test_encode_keeps_the_response_and_the_turn_markers():
+    example = data.Example("p" * 100 + "<end>", "yes<end_of_turn>")
+    [(ids, prompt_len)] = data.encode(_CharTokenizer(), [example], seq_len=40)
+    tokenizer = _CharTokenizer()
+    assert len(ids) == 40
+    assert tokenizer.decode(ids[prompt_len:]) == "yes<end_of_turn>"
+    assert tokenizer.decode(ids[prompt_len - 5 : prompt_len]) == "<end>"
+
+
+def test_exact_match_scores_greedy_answers(monkeypatch):
+    examples = [
+        data.Example("q1", "a<end_of_turn>"),
+        data.Example("q2", "b<end_of_turn>"),
+    ]
+    monkeypatch.setattr(data, "greedy_answers", lambda *a, **k: ["a", "c"])
+    result = data.exact_match(None, _CharTokenizer(), examples)
+    assert result.accuracy == 0.5
+    assert result.references == ["a", "b"]
+
+
+def test_greedy_answers_match_the_cache_free_reference():
+    model = testing.tiny_model()
+    tokenizer = _CharTokenizer()
+    prompts = ["ab", "hello there"]
+    answers = data.greedy_answers(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=2,
+        batch_size=2,
+        progress=False,
+    )
+    for prompt, answer in zip(prompts, answers, strict=True):
+        ids = _naive_greedy(model, tokenizer.encode(prompt), 2)
+        cut = next((i for i, t in enumerate(ids) if t in (1, 106)), len(ids))
+        assert answer == tokenizer.decode(ids[:cut]).strip()
+
+
+def _naive_greedy(model, prompt, steps):
+    """Greedy ids by recomputing the whole prefix each step, no cache."""
+    ids = list(prompt)
+    for _ in range(steps):
+        logits = model(jnp.asarray([ids], jnp.int32))
+        ids.append(int(jnp.argmax(logits[0, -1])))
+    return ids[len(prompt) :]
+
+
+def test_encoded_examples_make_batches_with_response_masks():
+    train, _ = data.bbc_news_topics(num_held_out=10)
+    encoded = data.encode(_CharTokenizer(), train[:3], seq_len=256)
+    batch = training.make_batch(encoded, seq_len=256)
+    for row, (ids, prompt_len) in enumerate(encoded):
+        masked = batch.labels[row][batch.loss_mask[row]]
+        np.testing.assert_array_equal(masked, ids[prompt_len:])

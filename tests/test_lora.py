@@ -1,0 +1,141 @@
+"""LoRA adapters: identity at start, merge, save and load."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gemma_lab
+from gemma_lab import lora, testing
+
+TOKENS = jnp.array([[2, 10, 11, 12, 13, 40, 7, 9]], jnp.int32)
+
+
+def _randomise_adapters(model, seed=1):
+    """Gives every B matrix random values, as training would."""
+    rngs = nnx.Rngs(seed)
+    for module in lora.adapters(model).values():
+        shape = module.lora_b[...].shape
+        module.lora_b[...] = 0.05 * nnx.initializers.normal(1.0)(
+            rngs.params(), shape
+        )
+
+
+def test_fresh_adapters_give_the_base_logits():
+    base = testing.tiny_model()(TOKENS)
+    model = lora.apply_lora(testing.tiny_model(), rank=4)
+    np.testing.assert_array_equal(model(TOKENS), base)
+
+
+def test_apply_lora_wraps_only_the_named_targets():
+    model = lora.apply_lora(
+        testing.tiny_model(), rank=2, targets=("q_proj", "down_proj")
+    )
+    names = {p.rsplit(".", 1)[-1] for p in lora.adapters(model)}
+    assert names == {"q_proj", "down_proj"}
+    assert len(lora.adapters(model)) == 2 * testing.TINY_CONFIG.num_layers
+
+
+def test_adapter_matches_a_naive_low_rank_update():
+    model = lora.apply_lora(testing.tiny_model(), rank=4, alpha=8.0)
+    _randomise_adapters(model)
+    layer = model.layers[0].attn.q_proj
+    x = np.random.default_rng(0).normal(size=(2, 3, 64)).astype(np.float32)
+    kernel = np.asarray(layer.base.kernel[...])
+    a, b = np.asarray(layer.lora_a[...]), np.asarray(layer.lora_b[...])
+    expected = x @ kernel + (8.0 / 4) * (x @ a) @ b
+    np.testing.assert_allclose(layer(jnp.asarray(x)), expected, atol=1e-5)
+
+
+def test_merged_and_unmerged_adapters_give_the_same_logits():
+    model = lora.apply_lora(testing.tiny_model(), rank=4)
+    _randomise_adapters(model)
+    table = np.asarray(model.embedder.embedding[...]).copy()
+    kernel = np.asarray(model.layers[1].mlp.up_proj.base.kernel[...]).copy()
+    unmerged = model(TOKENS)
+
+    lora.merge(model)
+    np.testing.assert_allclose(model(TOKENS), unmerged, atol=1e-3)
+    np.testing.assert_array_equal(model.embedder.embedding[...], table)
+    assert not np.array_equal(
+        model.layers[1].mlp.up_proj.base.kernel[...], kernel
+    )
+
+    lora.unmerge(model)
+    np.testing.assert_allclose(
+        model.layers[1].mlp.up_proj.base.kernel[...], kernel, atol=1e-6
+    )
+    np.testing.assert_allclose(model(TOKENS), unmerged, atol=1e-5)
+
+
+def test_optimizer_selects_adapters_by_type():
+    model = lora.apply_lora(testing.tiny_model(), rank=4)
+    trainable = nnx.state(model, lora.LoRAParam)
+    count = len(jax.tree.leaves(trainable))
+    assert count == 2 * 7 * testing.TINY_CONFIG.num_layers
+
+
+def test_save_then_load_onto_a_fresh_base_gives_equal_logits(tmp_path):
+    model = lora.apply_lora(testing.tiny_model(), rank=4)
+    _randomise_adapters(model)
+    path = lora.save_adapter(model, tmp_path / "a.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+    loaded = lora.load_adapter(testing.tiny_model(), path)
+    np.testing.assert_allclose(loaded(TOKENS), model(TOKENS), atol=1e-6)
+    assert lora.adapter_settings(loaded) == lora.adapter_settings(model)
+
+
+def test_loading_onto_another_base_is_a_clear_error(tmp_path):
+    model = lora.apply_lora(testing.tiny_model(seed=0), rank=4)
+    path = lora.save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.raises(lora.AdapterMismatchError, match="trained on base"):
+        lora.load_adapter(testing.tiny_model(seed=5), path)
+
+
+def test_loading_onto_other_adapter_settings_is_a_clear_error(tmp_path):
+    model = lora.apply_lora(testing.tiny_model(), rank=4)
+    path = lora.save_adapter(model, tmp_path / "a.safetensors")
+    other = lora.apply_lora(testing.tiny_model(), rank=2)
+    with pytest.raises(lora.AdapterMismatchError, match="already carries"):
+        lora.load_adapter(other, path)
+
+
+def test_bad_rank_and_targets_are_rejected():
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        lora.apply_lora(testing.tiny_model(), rank=0)
+    with pytest.raises(ValueError, match="targets must be"):
+        lora.apply_lora(testing.tiny_model(), rank=2, targets=("qkv",))
+
+
+def test_real_model_adapter_round_trip(real_model, gguf_path, tmp_path):
+    """On the real 270M: identity at start, save, load onto a fresh load."""
+    base, _ = real_model
+    tokens = jnp.array([[2, 818, 5279, 529, 9405, 563]], jnp.int32)
+    reference = base(tokens)
+
+    # The session model is shared: adapt a copy, never the fixture itself.
+    graphdef, state = nnx.split(base)
+    model = lora.apply_lora(nnx.merge(graphdef, state), rank=8)
+    np.testing.assert_array_equal(model(tokens), reference)
+    assert lora.adapters(base) == {}
+
+    _randomise_adapters(model)
+    path = lora.save_adapter(model, tmp_path / "real.safetensors")
+    fresh, _ = gemma_lab.load(gguf_path, progress=False)
+    lora.load_adapter(fresh, path)
+    np.testing.assert_allclose(fresh(tokens), model(tokens), atol=1e-6)
+
+
+def test_merged_model_is_a_plain_copy_with_the_adapted_logits():
+    model = lora.apply_lora(testing.tiny_model(), rank=4)
+    _randomise_adapters(model)
+    adapted = model(TOKENS)
+    plain = lora.merged_model(model)
+    assert lora.adapters(plain) == {}
+    assert nnx.graphdef(plain) == nnx.graphdef(testing.tiny_model())
+    np.testing.assert_allclose(plain(TOKENS), adapted, atol=1e-3)
+    # The source model keeps its unmerged adapters and its logits.
+    assert not any(m.merged for m in lora.adapters(model).values())
+    np.testing.assert_array_equal(model(TOKENS), adapted)
