@@ -9,6 +9,10 @@ Words used in this module:
   folded into the first user turn, followed by a blank line.
 - generation prompt: the opening `<start_of_turn>model\\n` of the turn the
   model is to write. Generation stops at <end_of_turn>, which is not shown.
+- images: with a `Sampler` over a `Gemma3Multimodal` model, a user turn may
+  carry images; its content holds one `<start_of_image>` marker per image
+  (markers are prepended when the text has none), and the messages keep
+  the images under an "images" key.
 
 The rendering follows the chat template shipped with the Gemma 3 instruction
 tuned checkpoints. A `ChatSession` keeps the KV cache between turns, so a new
@@ -20,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 from gemma_lab.sampler import Sampler, SampleResult
+from gemma_lab.vision.layout import IMAGE_MARKER
 
 _GEMMA_ROLE = {"user": "user", "assistant": "model", "model": "model"}
 
@@ -149,7 +154,10 @@ class ChatSession:
 
     @property
     def token_ids(self) -> list[int]:
-        """The ids of the conversation so far (cached and pending)."""
+        """The ids of the conversation so far (cached and pending).
+
+        Image blocks appear expanded, with 0 at their soft positions.
+        """
         return self._fed + self._pending
 
     def reset(self) -> None:
@@ -168,52 +176,67 @@ class ChatSession:
         del self._turns[len(self._turns) - 2 * turns :]
         self._forget_cache()
 
-    def send(self, text: str, **overrides) -> str:
+    def send(
+        self, text: str, images: Sequence | None = None, **overrides
+    ) -> str:
         """Adds a user message and returns the model's reply.
 
         Args:
             text: the user message.
+            images: images of this message (needs a sampler over a
+                `Gemma3Multimodal` model); `text` holds one
+                `<start_of_image>` marker per image, or none, in which case
+                the markers are put before the text.
             **overrides: settings of `Sampler.generate` for this turn only.
 
         Returns:
             The reply, without <end_of_turn>.
         """
-        new_ids, kwargs = self._prepare(text, overrides)
+        user = _user_message(text, images)
+        new_ids, kwargs = self._prepare(user, overrides)
         result = self.sampler.generate(new_ids, **kwargs)
-        return self._finish(text, new_ids, result)
+        return self._finish(user, new_ids, result)
 
-    def stream(self, text: str, **overrides) -> Iterator[str]:
+    def stream(
+        self, text: str, images: Sequence | None = None, **overrides
+    ) -> Iterator[str]:
         """Like `send`, yielding the reply's text as tokens arrive.
 
         The turn is recorded once the iteration is over.
         """
-        new_ids, kwargs = self._prepare(text, overrides)
+        user = _user_message(text, images)
+        new_ids, kwargs = self._prepare(user, overrides)
         pieces = self.sampler.stream(new_ids, **kwargs)
         yield from pieces
-        self._finish(text, new_ids, pieces.result)
+        self._finish(user, new_ids, pieces.result)
 
     # Internals.
 
     def _forget_cache(self) -> None:
         self._cache, self._fed, self._pending = None, [], []
 
-    def _prepare(self, text: str, overrides: dict) -> tuple[list[int], dict]:
+    def _prepare(self, user: dict, overrides: dict) -> tuple[list[int], dict]:
         """The ids to prefill for a new user turn, and generate's kwargs."""
-        user = {"role": "user", "content": text}
         messages = self.messages + [user]
         render(messages)  # Validates roles and content before any work.
         tokenizer = self.sampler.tokenizer
         if self._cache is None:
             new_ids = tokenizer.encode(render(messages))
+            fed = messages
         else:
             turn = render([user], bos=False)
             new_ids = self._pending + tokenizer.encode(
                 "\n" + turn, add_bos=False
             )
+            fed = [user]
         kwargs = {"max_new_tokens": self.max_new_tokens, **self.sampling}
         kwargs.update(overrides)
+        images = [x for m in fed for x in m.get("images", ())]
+        if images:
+            kwargs["images"] = images
 
-        need = len(self._fed) + len(new_ids) + kwargs["max_new_tokens"]
+        expanded = self.sampler.expand_prompt(new_ids)
+        need = len(self._fed) + len(expanded) + kwargs["max_new_tokens"]
         if need > self.max_len:
             raise ValueError(
                 f"the conversation would reach {need} tokens, over max_len "
@@ -225,9 +248,10 @@ class ChatSession:
         kwargs.update(cache=self._cache, start=len(self._fed))
         return new_ids, kwargs
 
-    def _finish(self, text: str, new_ids, result: SampleResult) -> str:
+    def _finish(self, user: dict, new_ids, result: SampleResult) -> str:
         """Records a finished turn and the cache state after it."""
         reply_ids = result.tokens[0]
+        new_ids = self.sampler.expand_prompt(new_ids)
         fed = result.lengths[0] - len(self._fed) - len(new_ids)
         self._fed = self._fed + new_ids + reply_ids[:fed]
         end_of_turn = self.sampler.tokenizer.end_of_turn_id
@@ -235,6 +259,15 @@ class ChatSession:
         self._cache = result.cache
 
         reply = self.sampler.tokenizer.decode(reply_ids)
-        self._turns.append({"role": "user", "content": text})
+        self._turns.append(user)
         self._turns.append({"role": "assistant", "content": reply})
         return reply
+
+
+def _user_message(text: str, images: Sequence | None) -> dict:
+    """A user message; image markers are put before a text without any."""
+    if not images:
+        return {"role": "user", "content": text}
+    if isinstance(text, str) and IMAGE_MARKER not in text:
+        text = IMAGE_MARKER * len(images) + text
+    return {"role": "user", "content": text, "images": list(images)}

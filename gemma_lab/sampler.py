@@ -17,6 +17,12 @@ Words used in this module:
   the stop id is not part of the returned tokens. Stop strings end a row as
   soon as the row's text contains one of them (multi-token strings
   included); the text is cut before it.
+- image block: with a `Gemma3Multimodal` model, each image marker
+  (`<start_of_image>`) of a prompt expands to "\\n\\n", <start_of_image>,
+  M soft positions, <end_of_image>, "\\n\\n" (see
+  `gemma_lab.vision.layout`). The whole prompt is one prefill chunk, so
+  every image lies within it and keeps its bidirectional attention group;
+  decode steps are text-only.
 
 Sampling methods (the small pure functions below): greedy (temperature 0),
 temperature, top-k and top-p (nucleus, Holtzman et al. 2019), with an
@@ -37,7 +43,9 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from gemma_lab.model import Cache, Transformer
+from gemma_lab.multimodal import Gemma3Multimodal, prepare_prompt
 from gemma_lab.tokenizer import Tokenizer
+from gemma_lab.vision.layout import expand_images
 
 DEFAULT_STOP_IDS = (1, 106)
 """<eos> and <end_of_turn>."""
@@ -127,10 +135,17 @@ def token_logprobs(
     return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("greedy", "top_k", "use_top_p"))
+_SAMPLING_FLAGS = ("greedy", "top_k", "use_top_p", "with_logprobs")
+
+
+@functools.partial(jax.jit, static_argnames=_SAMPLING_FLAGS)
 def _next_tokens(logits, key, step, temperature, top_p, *, greedy, top_k,
-                 use_top_p):  # fmt: skip
-    """One sampling step under jit; returns (tokens [B], logprobs [B])."""
+                 use_top_p, with_logprobs=True):  # fmt: skip
+    """One sampling step under jit; returns (tokens [B], logprobs [B]).
+
+    Without `with_logprobs` the log-probabilities are zeros (this skips a
+    softmax over the vocabulary).
+    """
     if greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
@@ -141,6 +156,8 @@ def _next_tokens(logits, key, step, temperature, top_p, *, greedy, top_k,
             top_k=top_k,
             top_p=top_p if use_top_p else None,
         )
+    if not with_logprobs:
+        return tokens, jnp.zeros(tokens.shape, jnp.float32)
     return tokens, token_logprobs(logits, tokens)
 
 
@@ -325,12 +342,38 @@ def _compiled_steps(graphdef):
         hidden = jnp.take_along_axis(out.hidden, last[:, None, None], 1)
         return module.logits(hidden[:, 0]), out.cache
 
-    def decode(state, tokens, positions, cache):
+    def prefill_images(state, prompt, cache, last):
+        module = nnx.merge(graphdef, state)
+        out = module.forward(
+            prompt.tokens, prompt.positions, cache=cache,
+            soft_embeddings=prompt.soft_embeddings,
+            soft_mask=prompt.soft_mask, groups=prompt.groups,
+            return_logits=False,
+        )  # fmt: skip
+        hidden = jnp.take_along_axis(out.hidden, last[:, None, None], 1)
+        return module.logits(hidden[:, 0]), out.cache
+
+    def decode(state, tokens, positions, cache, key, step, temperature,
+               top_p, *, with_logits, **flags):  # fmt: skip
+        # One call per token: the forward step and the sampling of the next
+        # token are compiled together; logits leave only when asked for.
         module = nnx.merge(graphdef, state)
         out = module.forward(tokens[:, None], positions[:, None], cache=cache)
-        return out.logits[:, 0], out.cache
+        logits = out.logits[:, 0]
+        new, logprobs = _next_tokens.__wrapped__(
+            logits, key, step, temperature, top_p, **flags
+        )
+        return new, logprobs, logits if with_logits else None, out.cache
 
-    return jax.jit(prefill), jax.jit(decode, donate_argnums=3)
+    return (
+        jax.jit(prefill),
+        jax.jit(prefill_images),
+        jax.jit(
+            decode,
+            donate_argnums=3,
+            static_argnames=("with_logits", *_SAMPLING_FLAGS),
+        ),
+    )
 
 
 class Sampler:
@@ -341,18 +384,31 @@ class Sampler:
     sampler, so reuse one sampler for many calls.
 
     Args:
-        model: the language model.
+        model: the language model, or a `Gemma3Multimodal` whose prompts may
+            carry images (`generate(..., images=...)`).
         tokenizer: needed for text prompts, texts in results, stop strings
             and streaming; optional for id-only use.
+
+    Attributes:
+        model: the language model (`Transformer`).
+        multimodal: the `Gemma3Multimodal` model, or None.
 
     >>> sampler = Sampler(model, tokenizer)  # doctest: +SKIP
     >>> sampler.generate("The sky is", max_new_tokens=8).text  # doctest: +SKIP
     """
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None):
+    def __init__(
+        self,
+        model: Transformer | Gemma3Multimodal,
+        tokenizer: Tokenizer | None = None,
+    ):
+        self.multimodal = None
+        if isinstance(model, Gemma3Multimodal):
+            self.multimodal, model = model, model.language_model
         self.model, self.tokenizer = model, tokenizer
         graphdef, self._state = nnx.split(model)
-        self._prefill, self._decode = _compiled_steps(graphdef)
+        steps = _compiled_steps(graphdef)
+        self._prefill, self._prefill_images, self._decode = steps
 
     def init_cache(self, batch: int, max_len: int) -> Cache:
         """An empty cache for `batch` rows of up to `max_len` positions."""
@@ -375,6 +431,8 @@ class Sampler:
         truncate: bool = False,
         cache: Cache | None = None,
         start: int | Sequence[int] = 0,
+        images: Sequence | None = None,
+        features: Array | None = None,
     ) -> SampleResult:
         """Continues one prompt or a batch of prompts of any lengths.
 
@@ -400,21 +458,29 @@ class Sampler:
                 result's `.cache`); the prompts are then the new tokens only.
             start: with `cache`, the position of each row's first new token
                 (the earlier result's `.lengths`).
+            images: with a `Gemma3Multimodal` model, one image (PIL or
+                NumPy, any size) per image marker, in reading order over all
+                prompts (row 0's images first). Each marker expands to an
+                image block; `lengths` count the expanded tokens.
+            features: instead of `images`, vision features [I, P, E].
 
         Returns:
             A `SampleResult`.
 
         Raises:
-            ValueError: on invalid settings, an empty prompt, or a row that
-                does not fit the cache or context (unless `truncate`), before
-                any computation.
+            ValueError: on invalid settings, an empty prompt, a count of
+                image markers that differs from the images given, or a row
+                that does not fit the cache or context (unless `truncate`),
+                before any computation.
         """
         opts = _Options(
             max_new_tokens, float(temperature), top_k, top_p, int(seed),
             tuple(stop_ids), tuple(stop_strings), return_logprobs,
             return_logits,
         )  # fmt: skip
-        run, steps = self._start(prompts, opts, max_len, truncate, cache, start)
+        run, steps = self._start(
+            prompts, opts, max_len, truncate, cache, start, images, features
+        )
         for _ in steps:
             pass
         return self._result(run, opts)
@@ -422,7 +488,8 @@ class Sampler:
     def stream(self, prompt: str | Sequence[int], **kwargs) -> TextStream:
         """Like `generate` for one prompt, yielding text as tokens arrive.
 
-        Takes the keyword arguments of `generate`. Text is only yielded once
+        Takes the keyword arguments of `generate` (`images=` included).
+        Text is only yielded once
         it can no longer change: a character split over byte-fallback tokens
         appears when its last byte arrives, and text that may begin a stop
         string waits until it is clear. After the iteration, `.result` holds
@@ -502,11 +569,61 @@ class Sampler:
             rows[i] = row[:1] + row[len(row) - room + 1 :]
         return max_len
 
+    def expand_prompt(self, ids: Sequence[int]) -> list[int]:
+        """The ids a prompt occupies in the cache.
+
+        With a `Gemma3Multimodal` model each image marker expands to its
+        image block (0 at soft positions); otherwise `ids` unchanged.
+        """
+        if self.multimodal is None:
+            return [int(i) for i in ids]
+        mm = self.multimodal
+        return expand_images(
+            ids, tokens_per_image=mm.tokens_per_image,
+            start_id=mm.image_ids.start, end_id=mm.image_ids.end, soft_id=0,
+        ).ids.tolist()  # fmt: skip
+
+    def _with_images(self, rows, images, features, truncate):
+        """Expanded rows, and a function laying out the prefill, or None."""
+        given = images is not None or features is not None
+        if self.multimodal is None:
+            if given:
+                raise ValueError(
+                    "images= and features= need a Sampler built over a "
+                    "gemma_lab.multimodal.Gemma3Multimodal model"
+                )
+            return rows, None
+        if images is not None and features is not None:
+            raise ValueError("pass images= or features=, not both")
+        count = (
+            0 if not given else len(images if features is None else features)
+        )
+        marker = self.multimodal.image_ids.start
+        markers = sum(row.count(marker) for row in rows)
+        if markers != count:
+            raise ValueError(
+                f"the prompts hold {markers} image markers ({marker}, "
+                f"'<start_of_image>') but {count} images were given; "
+                "expected one marker per image"
+            )
+        if markers == 0:
+            return rows, None
+        if truncate:
+            raise ValueError(
+                "truncate=True cannot shorten prompts with images; shorten "
+                "the prompt or raise max_len"
+            )
+        layout = functools.partial(
+            prepare_prompt, self.multimodal, rows, images, features=features
+        )
+        return [self.expand_prompt(row) for row in rows], layout
+
     def _start(self, prompts, opts, max_len=None, truncate=False,
-               cache=None, start=0):  # fmt: skip
+               cache=None, start=0, images=None, features=None):  # fmt: skip
         """Validates a call, then returns its run state and step iterator."""
         _validate(opts, self.tokenizer)
         rows = self._rows(prompts)
+        rows, layout = self._with_images(rows, images, features, truncate)
         starts = [start] * len(rows) if isinstance(start, int) else list(start)
         if len(starts) != len(rows) or min(starts) < 0:
             raise ValueError(
@@ -530,28 +647,29 @@ class Sampler:
             lengths=np.asarray(starts) + [len(r) for r in rows],
             stop_tokens=[None] * len(rows),
         )
-        return run, self._steps(run, rows, starts, cache, opts)
+        return run, self._steps(run, rows, starts, cache, opts, layout)
 
     # Running a call.
 
-    def _steps(self, run, rows, starts, cache, opts) -> Iterator[_Run]:
+    def _steps(self, run, rows, starts, cache, opts, layout=None):
         """Prefills, then samples and decodes until every row is done."""
-        tokens, positions, last = _pack(rows, starts)
-        logits, cache = self._prefill(
-            self._state, tokens, positions, cache, last
-        )
+        logits, cache = self._prefill_rows(rows, starts, cache, layout)
         key = jax.random.key(opts.seed)
         flags = dict(
             greedy=opts.temperature == 0,
             top_k=opts.top_k,
             use_top_p=opts.top_p is not None,
+            with_logprobs=opts.return_logprobs,
         )
-        temperature = jnp.float32(max(opts.temperature, 1e-6))
-        top_p = jnp.float32(opts.top_p or 1.0)
+        sampling = (
+            key,
+            jnp.float32(max(opts.temperature, 1e-6)),
+            jnp.float32(opts.top_p or 1.0),
+        )
+        new, logprobs = _next_tokens(
+            logits, sampling[0], 0, *sampling[1:], **flags
+        )
         for step in range(opts.max_new_tokens):
-            new, logprobs = _next_tokens(
-                logits, key, step, temperature, top_p, **flags
-            )
             if opts.return_logits:
                 run.logits.append(np.asarray(logits, np.float32))
             self._record(run, np.asarray(new), np.asarray(logprobs), opts)
@@ -559,14 +677,33 @@ class Sampler:
             done = all(f is not None for f in run.finish)
             if done or step == opts.max_new_tokens - 1:
                 break
-            logits, cache = self._decode(
-                self._state, new, jnp.asarray(run.lengths, jnp.int32), cache
-            )
+            new, logprobs, logits, cache = self._decode(
+                self._state, new, jnp.asarray(run.lengths, jnp.int32), cache,
+                sampling[0], step + 1, *sampling[1:],
+                with_logits=opts.return_logits, **flags,
+            )  # fmt: skip
             run.lengths = run.lengths + 1
         for i, reason in enumerate(run.finish):
             run.finish[i] = reason or "length"
         run.cache = cache
         yield run
+
+    def _prefill_rows(self, rows, starts, cache, layout):
+        """One prefill pass over the rows: next-token logits and the cache.
+
+        `layout`, when given, lays out rows with images (soft tokens and
+        attention groups) at the same bucketed length as text rows.
+        """
+        tokens, positions, last = _pack(rows, starts)
+        if layout is None:
+            return self._prefill(self._state, tokens, positions, cache, last)
+        prompt = layout(length=tokens.shape[1])
+        offset = jnp.asarray(starts, jnp.int32)[:, None]
+        shifted = jnp.where(
+            prompt.positions >= 0, prompt.positions + offset, -1
+        )
+        prompt = dataclasses.replace(prompt, positions=shifted)
+        return self._prefill_images(self._state, prompt, cache, last)
 
     def _record(self, run, new, logprobs, opts) -> None:
         """Appends one step's tokens to the rows still running."""
