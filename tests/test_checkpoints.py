@@ -39,7 +39,6 @@ def test_gguf_norms_are_stored_with_one_added():
     params, unmatched = rename(
         {"blk.3.attn_norm.weight": np.array([1.0, 1.5], np.float32)},
         GGUF_RULES,
-        source="x",
     )
     assert unmatched == []
     np.testing.assert_array_equal(
@@ -49,14 +48,12 @@ def test_gguf_norms_are_stored_with_one_added():
 
 def test_gguf_projections_are_transposed_to_in_out():
     weight = np.arange(6, dtype=np.float32).reshape(2, 3)  # [out, in]
-    params, _ = rename({"blk.0.attn_q.weight": weight}, GGUF_RULES, source="x")
+    params, _ = rename({"blk.0.attn_q.weight": weight}, GGUF_RULES)
     assert params["layers.0.attn.q_proj.kernel"].shape == (3, 2)
 
 
 def test_unknown_tensor_names_are_reported_not_dropped():
-    _, unmatched = rename(
-        {"blk.0.mystery.weight": np.zeros(2)}, GGUF_RULES, source="x"
-    )
+    _, unmatched = rename({"blk.0.mystery.weight": np.zeros(2)}, GGUF_RULES)
     assert unmatched == ["blk.0.mystery.weight"]
 
 

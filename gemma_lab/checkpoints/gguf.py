@@ -182,7 +182,7 @@ def read_gguf(
     config = config_from_gguf(reader, source=source)
     tokenizer = Tokenizer.from_gguf_reader(reader)
     named = dequantize_tensors(reader, source=source, progress=progress)
-    params, unmatched = rename(named, GGUF_RULES, source=source)
+    params, unmatched = rename(named, GGUF_RULES)
     if use_cache and not unmatched:
         _write_cache(digest, config, params, tokenizer, source)
     return config, params, unmatched, tokenizer

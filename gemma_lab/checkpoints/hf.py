@@ -192,5 +192,5 @@ def read_hf(
         raise FileNotFoundError(f"checkpoint folder {str(folder)!r} not found")
     config, _ = read_config(folder)
     named = text_tensors(read_tensors(safetensors_files(folder)))
-    params, unmatched = rename(named, HF_RULES, source=str(folder))
+    params, unmatched = rename(named, HF_RULES)
     return config, params, unmatched

@@ -177,7 +177,7 @@ def read_multimodal(
     if with_encoder:
         encoder = _encoder(vision, vision_config, source=str(folder), **kw)
 
-    params, unmatched = rename(text, HF_RULES, source=str(folder))
+    params, unmatched = rename(text, HF_RULES)
     language_model = build_model(
         text_config, params, source=str(folder), unmatched=unmatched, **kw
     )

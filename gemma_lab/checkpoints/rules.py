@@ -15,7 +15,7 @@ Conventions undone here:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ def _minus_one(x: np.ndarray) -> np.ndarray:
     return x - np.asarray(1, x.dtype)
 
 
-Rule = tuple[str, str, Transform]
+Rule = tuple[str, str | None, Transform]
 
 _LAYER = r"layers\.(\d+)\."
 _HF_LAYER_RULES: list[Rule] = [
@@ -121,25 +121,45 @@ GGUF_RULES: list[Rule] = [
 
 
 def rename(
-    named: Mapping[str, np.ndarray], rules: list[Rule], *, source: str
+    named: Mapping[str, np.ndarray], rules: Sequence[Rule]
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Applies `rules` to stored names.
+    """Renames and transforms stored arrays through the first matching rule.
+
+    Args:
+        named: stored name -> array.
+        rules: `(pattern, target, transform)` tried in order; a pattern must
+            match the whole name, `{0}`, `{1}` in the target stand for its
+            groups, and a target of None drops the name on purpose.
 
     Returns:
-        ({parameter path: transformed array}, [stored names no rule matched]).
+        ({parameter path: transformed array}, sorted stored names no rule
+        matched).
+
+    Raises:
+        CheckpointError: two stored names map to the same parameter.
     """
     compiled = [(re.compile(p), t, f) for p, t, f in rules]
     params, unmatched = {}, []
     for name, array in named.items():
-        for pattern, target, transform in compiled:
-            match = pattern.fullmatch(name)
-            if match:
-                params[target.format(*match.groups())] = transform(array)
-                break
-        else:
+        found = next(
+            (
+                (m, t, f)
+                for pattern, t, f in compiled
+                if (m := pattern.fullmatch(name))
+            ),
+            None,
+        )
+        if found is None:
             unmatched.append(name)
-    del source
-    return params, unmatched
+            continue
+        match, target, transform = found
+        if target is None:
+            continue
+        path = target.format(*match.groups())
+        if path in params:
+            raise CheckpointError(f"two stored names map to {path!r}")
+        params[path] = transform(np.asarray(array))
+    return params, sorted(unmatched)
 
 
 def _expected(config: TransformerConfig) -> dict[str, tuple[int, ...]]:

@@ -16,17 +16,15 @@ them all, before a single value is assigned.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma_lab.checkpoints.rules import Rule as NameRule
+from gemma_lab.checkpoints.rules import rename
 from gemma_lab.vision.encoder import VisionEncoder
-
-Transform = Callable[[np.ndarray], np.ndarray]
-NameRule = tuple[str, str | None, Transform]
 
 
 def same(array: np.ndarray) -> np.ndarray:
@@ -55,49 +53,6 @@ def param_shapes(encoder: VisionEncoder) -> dict[str, tuple[int, ...]]:
     """
     flat = nnx.to_flat_state(nnx.state(encoder, nnx.Param))
     return {_dotted(path): tuple(var.get_value().shape) for path, var in flat}
-
-
-def rename(
-    stored: Mapping[str, np.ndarray], rules: Sequence[NameRule]
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Renames and transforms stored arrays through the first matching rule.
-
-    Args:
-        stored: checkpoint name -> array.
-        rules: `NameRule`s, tried in order.
-
-    Returns:
-        (parameter path -> transformed array, sorted stored names that no
-        rule matched). Names whose rule has target None are dropped.
-
-    Raises:
-        ValueError: if two stored names map to the same parameter.
-    """
-    compiled = [(re.compile(p), target, f) for p, target, f in rules]
-    params, unmatched = {}, []
-    for name, array in stored.items():
-        found = _first_match(name, compiled)
-        if found is None:
-            unmatched.append(name)
-            continue
-
-        match, target, transform = found
-        if target is None:
-            continue
-        path = target.format(*match.groups())
-        if path in params:
-            raise ValueError(f"Two stored names map to parameter {path!r}.")
-        params[path] = transform(np.asarray(array))
-    return params, sorted(unmatched)
-
-
-def _first_match(name: str, compiled):
-    """(match, target, transform) of the first rule matching `name`."""
-    for pattern, target, transform in compiled:
-        match = pattern.fullmatch(name)
-        if match:
-            return match, target, transform
-    return None
 
 
 def assign_params(
