@@ -72,7 +72,7 @@ def _sampling(args) -> dict:
 
 
 def _generate(args, out) -> int:
-    model, tokenizer = load(args.checkpoint, progress=False)
+    model, tokenizer = load(args.checkpoint)
     sampler = Sampler(model, tokenizer)
     stream = sampler.stream(
         args.prompt, stop_strings=args.stop, **_sampling(args)
@@ -85,7 +85,7 @@ def _generate(args, out) -> int:
 
 
 def _chat(args, out, lines) -> int:
-    model, tokenizer = load(args.checkpoint, progress=False)
+    model, tokenizer = load(args.checkpoint)
     session = ChatSession(
         Sampler(model, tokenizer),
         system=args.system,
@@ -132,17 +132,33 @@ def main(argv: list[str] | None = None, *, stdin=None, stdout=None) -> int:
     """
     args = _parser().parse_args(argv)
     out = stdout or sys.stdout
-    if args.max_new_tokens < 1:
-        print(
-            f"--max-new-tokens must be >= 1, got {args.max_new_tokens}",
-            file=sys.stderr,
-        )
+    problem = _check_options(args)
+    if problem:
+        print(f"gemma-lab: error: {problem}", file=sys.stderr)
         return 2
-    if args.command == "generate":
-        return _generate(args, out)
-    if stdin is None:
-        stdin = _typed_lines() if sys.stdin.isatty() else sys.stdin
-    return _chat(args, out, stdin)
+    try:
+        if args.command == "generate":
+            return _generate(args, out)
+        if stdin is None:
+            stdin = _typed_lines() if sys.stdin.isatty() else sys.stdin
+        return _chat(args, out, stdin)
+    except (FileNotFoundError, ValueError) as error:
+        # Bad checkpoints and prompts that do not fit are user errors.
+        print(f"gemma-lab: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _check_options(args) -> str | None:
+    """The first invalid option, described, before any model is loaded."""
+    if args.max_new_tokens < 1:
+        return f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"
+    if args.temperature < 0:
+        return f"--temperature must be >= 0, got {args.temperature}"
+    if args.top_k is not None and args.top_k < 1:
+        return f"--top-k must be >= 1, got {args.top_k}"
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        return f"--top-p must lie in (0, 1], got {args.top_p}"
+    return None
 
 
 if __name__ == "__main__":

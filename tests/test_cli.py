@@ -42,3 +42,23 @@ def test_chat_answers_resets_and_exits(offline_load):
     assert cli.main(argv, stdin=lines, stdout=out) == 0
     assert "(conversation reset)" in out.getvalue()
     assert lines.read() == "never read\n"  # /exit stopped the reading.
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--temperature", "-1", "--temperature must be >= 0, got -1.0"),
+        ("--top-k", "0", "--top-k must be >= 1, got 0"),
+        ("--top-p", "2", "--top-p must lie in (0, 1], got 2.0"),
+    ],
+)
+def test_generate_rejects_bad_sampling_options(capsys, option, value, message):
+    assert cli.main(["generate", option, value, "Hi"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_a_one_line_error(capsys, tmp_path):
+    missing = str(tmp_path / "none.gguf")
+    assert cli.main(["generate", "--checkpoint", missing, "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gemma-lab: error: checkpoint") and missing in err
