@@ -140,8 +140,12 @@ class ChatSession:
     ):
         if sampler.tokenizer is None:
             raise ValueError("ChatSession needs a Sampler with a tokenizer")
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        context = sampler.model.config.max_seq_len
+        if not 1 <= max_len <= context:
+            raise ValueError(
+                f"max_len must lie in [1, {context}] (the model's context), "
+                f"got {max_len}"
+            )
         self.sampler, self.system, self.max_len = sampler, system, max_len
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.reset()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -306,16 +307,27 @@ class _Options:
     return_logits: bool
 
 
-def _validate(o: _Options, tokenizer: Tokenizer | None) -> None:
+def _validate(
+    o: _Options, tokenizer: Tokenizer | None, vocab_size: int
+) -> None:
     """Raises ValueError on settings that make no sense, before any work."""
     if not isinstance(o.max_new_tokens, int) or o.max_new_tokens < 1:
         raise ValueError(
             f"max_new_tokens must be an int >= 1, got {o.max_new_tokens!r}"
         )
-    if o.temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {o.temperature}")
-    if o.top_k is not None and (not isinstance(o.top_k, int) or o.top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 or None, got {o.top_k!r}")
+    if not math.isfinite(o.temperature) or o.temperature < 0:
+        raise ValueError(
+            f"temperature must be finite and >= 0, got {o.temperature}"
+        )
+    top_k = o.top_k
+    if top_k is not None and (
+        not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1
+    ):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_k is not None and top_k > vocab_size:
+        raise ValueError(
+            f"top_k must be <= the vocabulary size {vocab_size}, got {top_k}"
+        )
     if o.top_p is not None and not 0 < o.top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1] or be None, got {o.top_p}")
     if o.stop_strings and tokenizer is None:
@@ -324,6 +336,11 @@ def _validate(o: _Options, tokenizer: Tokenizer | None) -> None:
         raise ValueError(
             f"stop_strings must be non-empty texts, got {o.stop_strings}"
         )
+
+
+def _texts(texts: str | Sequence[str]) -> tuple[str, ...]:
+    """One text or a sequence of texts, as a tuple (never split a string)."""
+    return (texts,) if isinstance(texts, str) else tuple(texts)
 
 
 @functools.lru_cache(maxsize=8)
@@ -475,7 +492,7 @@ class Sampler:
         """
         opts = _Options(
             max_new_tokens, float(temperature), top_k, top_p, int(seed),
-            tuple(stop_ids), tuple(stop_strings), return_logprobs,
+            tuple(stop_ids), _texts(stop_strings), return_logprobs,
             return_logits,
         )  # fmt: skip
         run, steps = self._start(
@@ -511,7 +528,7 @@ class Sampler:
             kwargs.pop("top_k", None), kwargs.pop("top_p", None),
             int(kwargs.pop("seed", 0)),
             tuple(kwargs.pop("stop_ids", DEFAULT_STOP_IDS)),
-            tuple(kwargs.pop("stop_strings", ())),
+            _texts(kwargs.pop("stop_strings", ())),
             kwargs.pop("return_logprobs", False),
             kwargs.pop("return_logits", False),
         )  # fmt: skip
@@ -537,7 +554,14 @@ class Sampler:
                 prompt = self.tokenizer.encode(prompt)
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} is empty; expected >= 1 token")
-            rows.append([int(t) for t in prompt])
+            row = [int(t) for t in prompt]
+            vocab = self.model.config.vocab_size
+            if min(row) < 0 or max(row) >= vocab:
+                raise ValueError(
+                    f"prompt {i} holds token ids outside [0, {vocab}): "
+                    f"min {min(row)}, max {max(row)}"
+                )
+            rows.append(row)
         if not rows:
             raise ValueError("prompts is empty; expected at least one prompt")
         return rows
@@ -621,7 +645,7 @@ class Sampler:
     def _start(self, prompts, opts, max_len=None, truncate=False,
                cache=None, start=0, images=None, features=None):  # fmt: skip
         """Validates a call, then returns its run state and step iterator."""
-        _validate(opts, self.tokenizer)
+        _validate(opts, self.tokenizer, self.model.config.vocab_size)
         rows = self._rows(prompts)
         rows, layout = self._with_images(rows, images, features, truncate)
         starts = [start] * len(rows) if isinstance(start, int) else list(start)

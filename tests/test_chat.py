@@ -101,3 +101,8 @@ def test_session_refuses_a_turn_beyond_max_len(sampler):
     session = ChatSession(sampler, max_len=32, max_new_tokens=16)
     with pytest.raises(ValueError, match="over max_len 32"):
         session.send("Tell me a very long story about the sea, please.")
+
+
+def test_session_refuses_a_cache_beyond_the_models_context(sampler):
+    with pytest.raises(ValueError, match=r"max_len must lie in \[1, 32768\]"):
+        ChatSession(sampler, max_len=10**6)

@@ -129,6 +129,14 @@ def test_invalid_settings_raise_before_work():
         sampler.generate(list(range(2, 62)), max_new_tokens=8, max_len=64)
     with pytest.raises(ValueError, match="empty"):
         sampler.generate([[2, 3], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="temperature"):
+        sampler.generate([2, 3], max_new_tokens=2, temperature=float("nan"))
+    with pytest.raises(ValueError, match="vocabulary size 512"):
+        sampler.generate([2, 3], max_new_tokens=2, top_k=10_000)
+    with pytest.raises(ValueError, match=r"outside \[0, 512\): min 2, max 600"):
+        sampler.generate([2, 600], max_new_tokens=2)
+    with pytest.raises(ValueError, match="min -5"):
+        sampler.generate([2, -5], max_new_tokens=2)
 
 
 def test_truncate_keeps_bos_and_the_newest_tokens():
@@ -214,6 +222,8 @@ def test_multi_token_stop_string_cuts_the_text(sampler):
     cut = sampler.generate(PROMPT, stop_strings=[stop], **kw)
     assert cut.text == full[: full.index(stop)]
     assert cut.finish_reasons == ["stop_string"]
+    # A single string is one stop string, not a set of characters.
+    assert sampler.generate(PROMPT, stop_strings=stop, **kw).text == cut.text
     streamed = "".join(sampler.stream(PROMPT, stop_strings=[stop], **kw))
     assert streamed == cut.text
 
