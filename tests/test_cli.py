@@ -10,7 +10,7 @@ from gemma_lab import cli
 @pytest.fixture()
 def offline_load(real_model, monkeypatch):
     """Makes the command reuse the session's model instead of reloading."""
-    monkeypatch.setattr(cli, "load", lambda path, progress: real_model)
+    monkeypatch.setattr(cli, "load", lambda path, **kwargs: real_model)
 
 
 def test_generate_prints_the_greedy_continuation(offline_load):
