@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from gemma_lab.packed import PackedWeight, matvec, single_token
+
 _DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)
 
 
@@ -70,6 +72,8 @@ class Linear(nnx.Module):
 
     Gemma's projections carry no bias. Keeping every projection in this one
     module lets LoRA wrap any of them by name (see `gemma_lab.lora`).
+    `packed`, when set (see `gemma_lab.packed`), holds an exact 8-bit copy of
+    the kernel that products over a single token read instead.
 
     Args:
         in_features: size of the input's last axis.
@@ -94,14 +98,22 @@ class Linear(nnx.Module):
             )
         )
         self.dtype = dtype
+        self.packed: PackedWeight | None = nnx.data(None)
 
     def __call__(self, x: Float[Array, "... I"]) -> Float[Array, "... O"]:
+        if self.packed is not None and single_token(x):
+            return matvec(x.astype(jnp.float32), self.packed.matrix()).astype(
+                self.dtype
+            )
         kernel = self.kernel[...].astype(self.dtype)
         return jnp.einsum("...I,IO->...O", x.astype(self.dtype), kernel)
 
 
 class Embedder(nnx.Module):
     """The token embedding table, shared with the output head (tied).
+
+    `packed`, when set, holds an exact 8-bit copy of the table that the head
+    reads for a single token (see `gemma_lab.packed`).
 
     Args:
         vocab_size: V.
@@ -124,6 +136,7 @@ class Embedder(nnx.Module):
             _DEFAULT_INIT(rngs.params(), (vocab_size, width), param_dtype)
         )
         self.dtype = dtype
+        self.packed: PackedWeight | None = nnx.data(None)
 
     def encode(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
         """Looks tokens up, scaled by sqrt(D) in the activation dtype."""
@@ -134,6 +147,10 @@ class Embedder(nnx.Module):
 
     def decode(self, x: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """The tied output head: logits = x @ embedding.T."""
+        if self.packed is not None and single_token(x):
+            return matvec(x.astype(jnp.float32), self.packed.matrix()).astype(
+                self.dtype
+            )
         table = self.embedding[...].astype(self.dtype)
         return jnp.einsum("...D,VD->...V", x.astype(self.dtype), table)
 

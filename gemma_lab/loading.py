@@ -17,6 +17,7 @@ from gemma_lab.checkpoints.gguf import read_gguf
 from gemma_lab.checkpoints.hf import read_hf
 from gemma_lab.checkpoints.rules import build_model
 from gemma_lab.model import Transformer
+from gemma_lab.packed import attach
 from gemma_lab.tokenizer import Tokenizer
 
 
@@ -34,6 +35,7 @@ def load(
     dtype=jnp.float32,
     use_cache: bool = True,
     progress: bool = True,
+    packed: bool = True,
 ) -> tuple[Transformer, Tokenizer]:
     """Loads a Gemma 3 model and its tokenizer.
 
@@ -45,6 +47,8 @@ def load(
         use_cache: cache weights converted from GGUF on disk (see
             `gemma_lab.checkpoints.cache`).
         progress: show a progress bar while dequantising.
+        packed: keep exact 8-bit copies of a GGUF file's quantised weights
+            for one-token decoding (see `gemma_lab.packed`); float32 only.
 
     Returns:
         (model, tokenizer).
@@ -63,12 +67,13 @@ def load(
             f"checkpoint {str(path)!r} does not exist; expected a .gguf file "
             f"or a folder with config.json and safetensors weights"
         )
+    packed_weights = {}
     if path.is_dir():
         # The tokenizer first: it is cheap and fails fast on a wrong folder.
         tokenizer = Tokenizer.from_file(path / "tokenizer.model")
         config, params, unmatched = read_hf(path)
     else:
-        config, params, unmatched, tokenizer = read_gguf(
+        config, params, unmatched, tokenizer, packed_weights = read_gguf(
             path, use_cache=use_cache, progress=progress
         )
     model = build_model(
@@ -79,4 +84,6 @@ def load(
         dtype=dtype,
         unmatched=unmatched,
     )
+    if packed and param_dtype == jnp.float32:
+        attach(model, packed_weights)
     return model, tokenizer

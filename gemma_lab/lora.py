@@ -125,6 +125,8 @@ class LoRALinear(nnx.Module):
         )
         new = kernel.astype(jnp.float32) + sign * delta
         self.base.kernel[...] = new.astype(kernel.dtype)
+        # An exact packed copy of the old kernel would now be stale.
+        self.base.packed = nnx.data(None)
 
 
 def _check_targets(targets) -> tuple[str, ...]:

@@ -10,6 +10,10 @@ Opening a GGUF file parses its 262,144-entry vocabulary (about 30 s) and
 dequantising takes about 15 s more, so the converted weights, the config and
 the tokenizer model are cached on disk (see `gemma_lab.checkpoints.cache`),
 keyed by the file's hash: later loads read the cache and never open the GGUF.
+
+Quantised 2-D tensors are also kept in an exact 8-bit form (see
+`gemma_lab.checkpoints.gguf_blocks` and `gemma_lab.packed`), which one-token
+decoding reads instead of the float32 weights.
 """
 
 from __future__ import annotations
@@ -23,11 +27,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gemma_lab.checkpoints import cache
-from gemma_lab.checkpoints.rules import GGUF_RULES, CheckpointError, rename
+from gemma_lab.checkpoints.gguf_blocks import PACKABLE, split_blocks
+from gemma_lab.checkpoints.rules import (
+    GGUF_RULES,
+    CheckpointError,
+    rename,
+    target_paths,
+)
 from gemma_lab.config import PRESETS, TransformerConfig
+from gemma_lab.packed import PackedMatrix
 from gemma_lab.tokenizer import Tokenizer
 
-_CACHE_VERSION = "gguf-2"
+_CACHE_VERSION = "gguf-4"
+_PACKED = "packed:"  # Prefix of packed arrays in a cache entry.
 
 
 def open_gguf(path: os.PathLike) -> gguf.GGUFReader:
@@ -155,14 +167,40 @@ def dequantize_tensors(
     return arrays
 
 
+def packed_tensors(reader: gguf.GGUFReader) -> dict[str, PackedMatrix]:
+    """{module path: PackedMatrix} for the file's quantised 2-D tensors.
+
+    Module paths are the parameter paths of `GGUF_RULES` without the last
+    name ("layers.0.mlp.up_proj", "embedder").
+    """
+    kinds = {
+        t.name: t
+        for t in reader.tensors
+        if t.tensor_type in PACKABLE and len(t.shape) == 2
+    }
+    packed = {}
+    for name, path in target_paths(kinds, GGUF_RULES).items():
+        tensor = kinds[name]
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        kind = gguf.GGMLQuantizationType(tensor.tensor_type)
+        packed[path.rsplit(".", 1)[0]] = split_blocks(tensor.data, kind, shape)
+    return packed
+
+
 def read_gguf(
     path: os.PathLike, *, use_cache: bool = True, progress: bool = True
-) -> tuple[TransformerConfig, dict[str, np.ndarray], list[str], Tokenizer]:
-    """Reads config, converted parameters and tokenizer from a GGUF file.
+) -> tuple[
+    TransformerConfig,
+    dict[str, np.ndarray],
+    list[str],
+    Tokenizer,
+    dict[str, PackedMatrix],
+]:
+    """Reads config, parameters, tokenizer and packed weights from a GGUF file.
 
     Returns:
         (config, {parameter path: float32 array}, unmatched tensor names,
-        tokenizer).
+        tokenizer, {module path: PackedMatrix}).
 
     Raises:
         FileNotFoundError: `path` does not exist.
@@ -183,9 +221,10 @@ def read_gguf(
     tokenizer = Tokenizer.from_gguf_reader(reader)
     named = dequantize_tensors(reader, source=source, progress=progress)
     params, unmatched = rename(named, GGUF_RULES)
+    packed = packed_tensors(reader)
     if use_cache and not unmatched:
-        _write_cache(digest, config, params, tokenizer, source)
-    return config, params, unmatched, tokenizer
+        _write_cache(digest, config, params, tokenizer, packed, source)
+    return config, params, unmatched, tokenizer, packed
 
 
 def _read_cache(digest: str):
@@ -193,21 +232,37 @@ def _read_cache(digest: str):
     cached = cache.load_cached(digest, _CACHE_VERSION)
     if cached is None or not tokenizer_path.is_file():
         return None
-    params, info = cached
+    arrays, info = cached
     try:
         tokenizer = Tokenizer.from_file(tokenizer_path)
         config = TransformerConfig(**info["config"])
     except (ValueError, KeyError, TypeError):
         return None
-    return config, params, [], tokenizer
+    params = {k: v for k, v in arrays.items() if not k.startswith(_PACKED)}
+    packed = {
+        path: PackedMatrix(
+            *(arrays.get(f"{_PACKED}{path}:{part}") for part in _PARTS)
+        )
+        for path in info.get("packed", [])
+    }
+    return config, params, [], tokenizer, packed
 
 
-def _write_cache(digest, config, params, tokenizer, source) -> None:
+_PARTS = ("values", "scale", "offset")
+
+
+def _write_cache(digest, config, params, tokenizer, packed, source) -> None:
     # The tokenizer goes first: the weights file marks a complete entry.
     tokenizer_path = cache.cache_dir() / f"{digest}.tokenizer.model"
     cache.atomic_write_bytes(tokenizer.serialized_model(), tokenizer_path)
     info = {
         "source": os.path.basename(source),
         "config": dataclasses.asdict(config),
+        "packed": sorted(packed),
     }
-    cache.store_cached(digest, _CACHE_VERSION, params, info)
+    arrays = dict(params)
+    for path, matrix in packed.items():
+        for part in _PARTS:
+            if getattr(matrix, part) is not None:
+                arrays[f"{_PACKED}{path}:{part}"] = getattr(matrix, part)
+    cache.store_cached(digest, _CACHE_VERSION, arrays, info)

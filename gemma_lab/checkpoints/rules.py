@@ -15,7 +15,7 @@ Conventions undone here:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -138,28 +138,39 @@ def rename(
     Raises:
         CheckpointError: two stored names map to the same parameter.
     """
-    compiled = [(re.compile(p), t, f) for p, t, f in rules]
     params, unmatched = {}, []
     for name, array in named.items():
-        found = next(
-            (
-                (m, t, f)
-                for pattern, t, f in compiled
-                if (m := pattern.fullmatch(name))
-            ),
-            None,
-        )
+        found = _match(name, rules)
         if found is None:
             unmatched.append(name)
             continue
-        match, target, transform = found
-        if target is None:
+        path, transform = found
+        if path is None:
             continue
-        path = target.format(*match.groups())
         if path in params:
             raise CheckpointError(f"two stored names map to {path!r}")
         params[path] = transform(np.asarray(array))
     return params, sorted(unmatched)
+
+
+def target_paths(names: Iterable[str], rules: Sequence[Rule]) -> dict[str, str]:
+    """{stored name: parameter path} for the names a rule maps to a path."""
+    paths = {}
+    for name in names:
+        found = _match(name, rules)
+        if found is not None and found[0] is not None:
+            paths[name] = found[0]
+    return paths
+
+
+def _match(name: str, rules: Sequence[Rule]):
+    """(parameter path or None, transform) of the first rule matching name."""
+    for pattern, target, transform in rules:
+        match = re.fullmatch(pattern, name)
+        if match:
+            path = None if target is None else target.format(*match.groups())
+            return path, transform
+    return None
 
 
 def _expected(config: TransformerConfig) -> dict[str, tuple[int, ...]]:

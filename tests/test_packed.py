@@ -1,0 +1,168 @@
+"""Exact 8-bit copies of weights: the block split, the checks, the model."""
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gemma_lab import lora, packed
+from gemma_lab.checkpoints.gguf import open_gguf
+from gemma_lab.checkpoints.gguf_blocks import PACKABLE, split_blocks
+from gemma_lab.packed import PackedMatrix, unpack
+from gemma_lab.testing import tiny_model
+
+Q = gguf.GGMLQuantizationType
+
+
+def _random_packed(rng, rows, cols, group, with_offset):
+    """Random integers and block scales with few significant bits, as the
+    float16 scales of GGUF blocks have, so products are exact."""
+    values = rng.integers(-127, 128, (rows, cols), dtype=np.int8)
+    scale = np.float32(2.0**-18) * rng.integers(1, 2048, (rows, cols // group))
+    offset = None
+    if with_offset:
+        offset = np.float32(2.0**-10) * rng.integers(0, 64, scale.shape)
+    return PackedMatrix(values, scale.astype(np.float32), offset)
+
+
+def _pack_model(model, seed=0):
+    """Gives every Linear and the embedding exactly packable weights, and
+    attaches their packed copies."""
+    rng = np.random.default_rng(seed)
+    found = {}
+    for path, module in nnx.iter_modules(model):
+        name = ".".join(str(k) for k in path)
+        if hasattr(module, "kernel"):
+            cols, rows = module.kernel[...].shape
+            matrix = _random_packed(rng, rows, cols, 16, len(found) % 2 == 0)
+            module.kernel[...] = unpack(matrix).T
+            found[name] = matrix
+        elif hasattr(module, "embedding"):
+            rows, cols = module.embedding[...].shape
+            matrix = _random_packed(rng, rows, cols, 32, False)
+            module.embedding[...] = unpack(matrix)
+            found[name] = matrix
+    packed.attach(model, found)
+    return found
+
+
+def test_unpack_applies_scale_and_offset_per_block():
+    matrix = PackedMatrix(
+        values=np.array([[1, 2, 3, 4], [-1, 0, 5, 7]], np.int8),
+        scale=np.array([[0.5, 2.0], [1.0, 0.25]], np.float32),
+        offset=np.array([[0.0, 1.0], [2.0, 0.0]], np.float32),
+    )
+    expected = [[0.5, 1.0, 5.0, 7.0], [-3.0, -2.0, 1.25, 1.75]]
+    np.testing.assert_array_equal(np.asarray(unpack(matrix)), expected)
+
+
+def test_check_packed_names_the_bad_part():
+    good = _random_packed(np.random.default_rng(0), 4, 32, 16, True)
+    with pytest.raises(ValueError, match="values has dtype int32"):
+        packed.check_packed(
+            PackedMatrix(good.values.astype(np.int32), good.scale, good.offset)
+        )
+    with pytest.raises(ValueError, match=r"scale has shape \(4, 3\)"):
+        packed.check_packed(
+            PackedMatrix(good.values, np.ones((4, 3), np.float32))
+        )
+
+
+def test_single_token_products_read_the_packed_copy_exactly():
+    model = tiny_model()
+    found = _pack_model(model)
+    assert sorted(packed.packed_paths(model)) == sorted(found)
+    plain = nnx.clone(model)
+    packed.detach(plain)
+    assert packed.packed_paths(plain) == []
+
+    tokens = jnp.array([[5]])
+    got = model(tokens)
+    want = plain(tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The copy is really read: corrupting it changes one-token logits only.
+    model.layers[0].mlp.up_proj.packed.values[...] = jnp.zeros_like(
+        model.layers[0].mlp.up_proj.packed.values[...]
+    )
+    assert not np.allclose(model(tokens), want, atol=1e-3)
+    longer = jnp.array([[5, 6, 7]])
+    np.testing.assert_array_equal(model(longer), plain(longer))
+
+
+def test_attach_rejects_a_copy_that_is_not_exact():
+    model = tiny_model()
+    kernel = model.layers[0].attn.q_proj.kernel[...]
+    rows, cols = kernel.T.shape
+    matrix = _random_packed(np.random.default_rng(1), rows, cols, 16, False)
+    with pytest.raises(ValueError, match="does not equal the module's weight"):
+        packed.attach(model, {"layers.0.attn.q_proj": matrix})
+    with pytest.raises(ValueError, match="no such module"):
+        packed.attach(model, {"layers.0.attn.nope": matrix})
+    assert packed.packed_paths(model) == []
+
+
+def test_merging_an_adapter_drops_the_stale_copy():
+    model = tiny_model()
+    _pack_model(model)
+    lora.apply_lora(model, rank=2, targets=("up_proj",))
+    for adapter in lora.adapters(model).values():
+        adapter.lora_b[...] = 0.1 * jnp.ones_like(adapter.lora_b[...])
+    tokens = jnp.array([[9]])
+    adapted = model(tokens)
+    lora.merge(model)
+    assert all("up_proj" not in path for path in packed.packed_paths(model)), (
+        "merged kernels must not keep their old packed copies"
+    )
+    np.testing.assert_allclose(model(tokens), adapted, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reader(gguf_path):
+    return open_gguf(gguf_path)
+
+
+def test_split_blocks_gives_ggufs_own_weights(reader):
+    """One tensor of every packable type in the real file, value for value."""
+    done = set()
+    for tensor in reader.tensors:
+        kind = gguf.GGMLQuantizationType(tensor.tensor_type)
+        if kind not in PACKABLE or kind in done or len(tensor.shape) != 2:
+            continue
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        if kind == gguf.GGMLQuantizationType.Q8_0:
+            shape, data = (4096, shape[1]), tensor.data[:4096]
+        else:
+            data = tensor.data
+        matrix = split_blocks(data, kind, shape)
+        want = gguf.quants.dequantize(data, kind).reshape(shape)
+        np.testing.assert_array_equal(np.asarray(unpack(matrix)), want)
+        assert (matrix.offset is not None) == (kind.name == "Q4_K")
+        done.add(kind)
+    assert {k.name for k in done} == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}
+
+
+def test_split_blocks_rejects_other_types_and_short_data():
+    with pytest.raises(ValueError, match="cannot be packed"):
+        split_blocks(
+            np.zeros(64, np.uint8), gguf.GGMLQuantizationType.F16, (1, 32)
+        )
+    with pytest.raises(ValueError, match="do not hold"):
+        split_blocks(
+            np.zeros(34, np.uint8), gguf.GGMLQuantizationType.Q8_0, (2, 32)
+        )
+
+
+def test_real_model_decodes_from_packed_copies(real_model):
+    model, _ = real_model
+    paths = packed.packed_paths(model)
+    assert "embedder" in paths and len(paths) == 1 + 7 * model.config.num_layers
+    plain = nnx.clone(model)
+    packed.detach(plain)
+    tokens = jnp.array([[2, 818, 5279, 529]])
+    cache = plain.forward(tokens, cache=plain.init_cache(1, 16)).cache
+    step, pos = jnp.array([[7]]), jnp.array([[4]])
+    got = model.forward(step, pos, cache=cache).logits
+    want = plain.forward(step, pos, cache=cache).logits
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+    assert int(got.argmax()) == int(want.argmax())
