@@ -344,23 +344,29 @@ def _texts(texts: str | Sequence[str]) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_steps(graphdef):
+def _compiled_steps(graphdef, treedef):
     """Jit-compiled prefill and decode steps for one model structure.
 
     Kept per structure, so samplers over equal models (or the same model
-    rebuilt after a weight change) share their compiled code.
+    rebuilt after a weight change) share their compiled code. The weights
+    come in as a flat list of arrays (`treedef` rebuilds the state), which
+    jit passes on faster than a tree of variables: that matters once per
+    decoded token.
     """
 
-    def prefill(state, tokens, positions, cache, last):
-        module = nnx.merge(graphdef, state)
+    def merge(leaves):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+    def prefill(leaves, tokens, positions, cache, last):
+        module = merge(leaves)
         out = module.forward(
             tokens, positions, cache=cache, return_logits=False
         )
         hidden = jnp.take_along_axis(out.hidden, last[:, None, None], 1)
         return module.logits(hidden[:, 0]), out.cache
 
-    def prefill_images(state, prompt, cache, last):
-        module = nnx.merge(graphdef, state)
+    def prefill_images(leaves, prompt, cache, last):
+        module = merge(leaves)
         out = module.forward(
             prompt.tokens, prompt.positions, cache=cache,
             soft_embeddings=prompt.soft_embeddings,
@@ -370,11 +376,11 @@ def _compiled_steps(graphdef):
         hidden = jnp.take_along_axis(out.hidden, last[:, None, None], 1)
         return module.logits(hidden[:, 0]), out.cache
 
-    def decode(state, tokens, positions, cache, key, step, temperature,
+    def decode(leaves, tokens, positions, cache, key, step, temperature,
                top_p, *, with_logits, **flags):  # fmt: skip
         # One call per token: the forward step and the sampling of the next
         # token are compiled together; logits leave only when asked for.
-        module = nnx.merge(graphdef, state)
+        module = merge(leaves)
         out = module.forward(tokens[:, None], positions[:, None], cache=cache)
         logits = out.logits[:, 0]
         new, logprobs = _next_tokens.__wrapped__(
@@ -423,8 +429,9 @@ class Sampler:
         if isinstance(model, Gemma3Multimodal):
             self.multimodal, model = model, model.language_model
         self.model, self.tokenizer = model, tokenizer
-        graphdef, self._state = nnx.split(model)
-        steps = _compiled_steps(graphdef)
+        graphdef, state = nnx.split(model)
+        self._leaves, treedef = jax.tree.flatten(state)
+        steps = _compiled_steps(graphdef, treedef)
         self._prefill, self._prefill_images, self._decode = steps
 
     def init_cache(self, batch: int, max_len: int) -> Cache:
@@ -702,7 +709,7 @@ class Sampler:
             if done or step == opts.max_new_tokens - 1:
                 break
             new, logprobs, logits, cache = self._decode(
-                self._state, new, jnp.asarray(run.lengths, jnp.int32), cache,
+                self._leaves, new, jnp.asarray(run.lengths, jnp.int32), cache,
                 sampling[0], step + 1, *sampling[1:],
                 with_logits=opts.return_logits, **flags,
             )  # fmt: skip
@@ -720,14 +727,14 @@ class Sampler:
         """
         tokens, positions, last = _pack(rows, starts)
         if layout is None:
-            return self._prefill(self._state, tokens, positions, cache, last)
+            return self._prefill(self._leaves, tokens, positions, cache, last)
         prompt = layout(length=tokens.shape[1])
         offset = jnp.asarray(starts, jnp.int32)[:, None]
         shifted = jnp.where(
             prompt.positions >= 0, prompt.positions + offset, -1
         )
         prompt = dataclasses.replace(prompt, positions=shifted)
-        return self._prefill_images(self._state, prompt, cache, last)
+        return self._prefill_images(self._leaves, prompt, cache, last)
 
     def _record(self, run, new, logprobs, opts) -> None:
         """Appends one step's tokens to the rows still running."""
