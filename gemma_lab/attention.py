@@ -19,7 +19,8 @@ KV cache. Each layer keeps a ring buffer of S slots: keys, values and the
 position held by each slot (-1 when empty). A token at position p lives in slot
 p % S. Local layers need only S = W slots; global layers need as many slots as
 the longest sequence. Attention over a chunk reads the old slots and the chunk
-itself, then the chunk is written into the ring.
+itself, then the chunk is written into the ring; a single token (a decode
+step) is written first and then reads the ring alone.
 
 RoPE is the split-half ("rotate half") form of the reference, with the
 frequencies computed in float32.
@@ -202,6 +203,35 @@ def write_cache(
     )
 
 
+def write_token(
+    cache: LayerCache,
+    keys: Float[Array, "B 1 K H"],
+    values: Float[Array, "B 1 K H"],
+    positions: Int[Array, "B 1"],
+) -> LayerCache:
+    """Writes one token per row into its slot p % S, a scatter in place.
+
+    The one-token case of `write_cache`: it touches B slots instead of
+    rewriting the whole ring, so a decode step whose cache is donated reads
+    the cache once and copies none of it. A padding row (position -1) is
+    left unchanged.
+    """
+    slots = cache.positions.shape[1]
+    token_positions = positions[:, 0]
+    # Slot S is out of range: mode="drop" skips the padding rows' writes.
+    slot = jnp.where(token_positions >= 0, token_positions % slots, slots)
+    rows = jnp.arange(token_positions.shape[0])
+
+    def put(ring, new):
+        return ring.at[rows, slot].set(new.astype(ring.dtype), mode="drop")
+
+    return LayerCache(
+        keys=put(cache.keys, keys[:, 0]),
+        values=put(cache.values, values[:, 0]),
+        positions=put(cache.positions, token_positions),
+    )
+
+
 class Attention(nnx.Module):
     """One Gemma 3 attention layer: projections, QK-norm, RoPE, GQA.
 
@@ -286,9 +316,17 @@ class Attention(nnx.Module):
         queries = queries * jnp.asarray(self.query_scale, queries.dtype)
 
         # Keys seen by the chunk: the old cache slots, then the chunk itself.
+        # A single token is written first and attends over the ring alone:
+        # the slot it takes held position p - S, which a local layer's
+        # window (S = W) excludes anyway, and a token's group holds itself.
         all_keys, all_values, key_positions = keys, values, positions
         key_groups = groups
-        if cache is not None:
+        if cache is not None and t == 1:
+            cache = write_token(cache, keys, values, positions)
+            all_keys = cache.keys.astype(keys.dtype)
+            all_values = cache.values.astype(values.dtype)
+            key_positions, groups, key_groups = cache.positions, None, None
+        elif cache is not None:
             all_keys = jnp.concatenate([cache.keys.astype(keys.dtype), keys], 1)
             all_values = jnp.concatenate(
                 [cache.values.astype(values.dtype), values], 1

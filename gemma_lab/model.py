@@ -43,7 +43,8 @@ class ModelOutput:
         hidden: [B, T, D], the final-normed residual stream (input to the head).
         cache: the updated cache, or None when none was given.
         attention: {layer: probs [B, N, T, S]} for the captured layers; S is
-            the number of keys seen (cache slots + chunk with a cache).
+            the number of keys seen: cache slots, plus the chunk itself
+            for a chunk of more than one token.
         residual: {layer: [B, T, D]} residual stream after each captured layer.
     """
 

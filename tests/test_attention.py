@@ -7,6 +7,7 @@ from gemma_lab.attention import (
     attention_probs,
     rope,
     write_cache,
+    write_token,
 )
 
 
@@ -82,6 +83,27 @@ def test_write_cache_keeps_the_newest_position_in_each_ring_slot():
     step = jnp.array([[6]])
     cache = write_cache(cache, step[..., None, None] * 1.0, step * 1.0, step)
     assert np.asarray(cache.positions)[0].tolist() == [4, 5, 6, 3]
+
+
+def test_write_token_equals_write_cache_for_one_token_and_skips_padding():
+    cache = LayerCache.empty(3, 4, 2, 3, jnp.float32)
+    cache = write_cache(
+        cache,
+        jnp.ones((3, 5, 2, 3)),
+        jnp.ones((3, 5, 2, 3)),
+        jnp.array([[0, 1, 2, 3, 4], [0, 1, -1, -1, -1], [0, 1, 2, 3, -1]]),
+    )
+    pos = jnp.array([[5], [-1], [4]])
+    keys = jnp.arange(18.0).reshape(3, 1, 2, 3)
+    want = write_cache(cache, keys, -keys, pos)
+    got = write_token(cache, keys, -keys, pos)
+    for field in ("keys", "values", "positions"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    assert np.asarray(got.positions).tolist() == [
+        [4, 5, 2, 3],
+        [0, 1, -1, -1],
+        [4, 1, 2, 3],
+    ]
 
 
 def test_write_cache_skips_padding():
