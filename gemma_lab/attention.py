@@ -131,10 +131,14 @@ def attend(
 ) -> Float[Array, "B T N H"]:
     """Mixes values by attention probabilities (grouped-query)."""
     b, n, t, s = probs.shape
-    k = values.shape[2]
-    grouped = probs.astype(values.dtype).reshape(b, k, n // k, t, s)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", grouped, values)
-    return out.reshape(b, t, n, values.shape[-1])
+    k, h = values.shape[2:]
+    # The G heads and T queries of one KV head form one axis of G * T rows:
+    # one plain product per (B, K), which XLA's CPU backend runs several
+    # times faster than an einsum that keeps T apart (decode steps).
+    rows = probs.astype(values.dtype).reshape(b, k, n // k * t, s)
+    out = jnp.einsum("BKGS,BSKH->BKGH", rows, values)
+    out = out.reshape(b, k, n // k, t, h)
+    return jnp.moveaxis(out, 3, 1).reshape(b, t, n, h)
 
 
 @jax.tree_util.register_dataclass

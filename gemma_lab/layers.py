@@ -20,7 +20,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from gemma_lab.packed import PackedWeight, matvec, single_token
+from gemma_lab.packed import (
+    PackedWeight,
+    few_tokens,
+    matvec,
+    product,
+    single_token,
+)
 
 _DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -113,7 +119,7 @@ class Embedder(nnx.Module):
     """The token embedding table, shared with the output head (tied).
 
     `packed`, when set, holds an exact 8-bit copy of the table that the head
-    reads for a single token (see `gemma_lab.packed`).
+    reads for a few tokens (see `gemma_lab.packed`).
 
     Args:
         vocab_size: V.
@@ -147,8 +153,8 @@ class Embedder(nnx.Module):
 
     def decode(self, x: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """The tied output head: logits = x @ embedding.T."""
-        if self.packed is not None and single_token(x):
-            return matvec(x.astype(jnp.float32), self.packed.matrix()).astype(
+        if self.packed is not None and few_tokens(x):
+            return product(x.astype(jnp.float32), self.packed.matrix()).astype(
                 self.dtype
             )
         table = self.embedding[...].astype(self.dtype)

@@ -11,8 +11,10 @@ reads those instead: about a quarter of the bytes, for the very same weights,
     weight = value * scale - offset      (one rounding, as in dequantising)
 
 `attach` checks that equality bit for bit before it puts a packed copy on a
-module. Products over more than one token keep using the float32 weights,
-which the CPU multiplies faster in bulk.
+module. One-token products (batch-1 decode steps) read every packed copy;
+the output head, the largest matrix, also reads its copy for up to
+`FEW_ROWS` rows (batched decode steps). Longer products (prefill, training)
+keep using the float32 weights, which the CPU multiplies faster in bulk.
 
 Layout: [R, C] with R output features and blocks running along C, the input
 features (the layout of the GGUF tensor). Letters follow the legend in
@@ -115,9 +117,51 @@ def _computed_once(x: Array) -> Array:
     )
 
 
+FEW_ROWS = 16
+"""Products over at most this many rows read the packed copy (decoding)."""
+
+_CHUNK_ROWS = 2048
+
+
+def matmul(x: Float[Array, "... C"], matrix: PackedMatrix) -> Array:
+    """x @ unpack(matrix).T for a few rows of x, a chunk of weights at a time.
+
+    For more than one row XLA's CPU backend writes the unpacked weights out
+    before the product: 671 MB for the output head. Unpacking up to
+    `_CHUNK_ROWS` weight rows per loop step keeps each chunk in the cache,
+    so the call reads the 8-bit values once from memory.
+    """
+    r, c = matrix.shape
+    rows = x.reshape(-1, c)
+    chunk = math.gcd(r, _CHUNK_ROWS)
+    if chunk == r or chunk < 256:
+        out = rows @ unpack(matrix).T
+    else:
+        chunks = jax.tree.map(
+            lambda a: a.reshape(r // chunk, chunk, a.shape[-1]), matrix
+        )
+        _, out = jax.lax.scan(
+            lambda _, part: (None, rows @ unpack(part).T), None, chunks
+        )  # [R / chunk, rows, chunk]
+        out = jnp.moveaxis(out, 0, 1).reshape(rows.shape[0], r)
+    return out.reshape(*x.shape[:-1], r)
+
+
+def product(x: Float[Array, "... C"], matrix: PackedMatrix) -> Array:
+    """x @ unpack(matrix).T, the fastest way for one or a few rows of x."""
+    if single_token(x):
+        return matvec(x, matrix)
+    return matmul(x, matrix)
+
+
 def single_token(x: Array) -> bool:
     """Whether x [..., C] holds one row (static under jit)."""
     return math.prod(x.shape[:-1]) == 1
+
+
+def few_tokens(x: Array) -> bool:
+    """Whether x [..., C] holds at most `FEW_ROWS` rows (static under jit)."""
+    return math.prod(x.shape[:-1]) <= FEW_ROWS
 
 
 class PackedWeight(nnx.Module):

@@ -3,6 +3,7 @@ import numpy as np
 
 from gemma_lab.attention import (
     LayerCache,
+    attend,
     attention_mask,
     attention_probs,
     rope,
@@ -113,3 +114,25 @@ def test_write_cache_skips_padding():
     cache = write_cache(cache, keys, keys, pos)
     assert np.asarray(cache.positions)[0].tolist() == [0, 1, -1, -1]
     assert np.asarray(cache.keys)[0, :2, 0, 0].tolist() == [2.0, 3.0]
+
+
+def test_grouped_query_attention_matches_a_naive_loop():
+    rng = np.random.default_rng(0)
+    b, t, s, n, k, h = 2, 3, 5, 4, 2, 8
+    queries = rng.standard_normal((b, t, n, h)).astype(np.float32)
+    keys = rng.standard_normal((b, s, k, h)).astype(np.float32)
+    values = rng.standard_normal((b, s, k, h)).astype(np.float32)
+    mask = rng.random((b, t, s)) < 0.7
+    mask[..., 0] = True
+    got = attend(attention_probs(queries, keys, mask), values)
+
+    want = np.zeros((b, t, n, h))
+    for i in range(b):
+        for j in range(n):
+            kv = j // (n // k)  # query head j reads KV head j // G
+            scores = queries[i, :, j] @ keys[i, :, kv].T  # [T, S]
+            scores = np.where(mask[i], scores, -np.inf)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            want[i, :, j] = probs @ values[i, :, kv]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -69,7 +69,8 @@ def test_check_packed_names_the_bad_part():
         )
 
 
-def test_single_token_products_read_the_packed_copy_exactly():
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (4, 4)])
+def test_products_over_a_few_tokens_read_the_packed_copy(shape):
     model = tiny_model()
     found = _pack_model(model)
     assert sorted(packed.packed_paths(model)) == sorted(found)
@@ -77,17 +78,31 @@ def test_single_token_products_read_the_packed_copy_exactly():
     packed.detach(plain)
     assert packed.packed_paths(plain) == []
 
-    tokens = jnp.array([[5]])
-    got = model(tokens)
+    tokens = jnp.arange(5, 5 + np.prod(shape)).reshape(shape)
     want = plain(tokens)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # The copy is really read: corrupting it changes one-token logits only.
-    model.layers[0].mlp.up_proj.packed.values[...] = jnp.zeros_like(
-        model.layers[0].mlp.up_proj.packed.values[...]
+    np.testing.assert_allclose(model(tokens), want, rtol=1e-5, atol=1e-5)
+    # The copies are really read: projections read theirs for one token,
+    # the output head for up to FEW_ROWS tokens. Corrupting them changes
+    # few-token logits only.
+    copy = (
+        model.layers[0].mlp.up_proj.packed
+        if tokens.size == 1
+        else model.embedder.packed
     )
+    copy.values[...] = jnp.zeros_like(copy.values[...])
     assert not np.allclose(model(tokens), want, atol=1e-3)
-    longer = jnp.array([[5, 6, 7]])
+    longer = jnp.arange(5, 5 + packed.FEW_ROWS + 1)[None]
     np.testing.assert_array_equal(model(longer), plain(longer))
+
+
+def test_matmul_unpacks_chunk_by_chunk_exactly():
+    rng = np.random.default_rng(3)
+    matrix = _random_packed(rng, 8192, 64, 32, True)
+    x = jnp.asarray(rng.standard_normal((3, 2, 64)), jnp.float32)
+    got = packed.matmul(x, matrix)
+    assert got.shape == (3, 2, 8192)
+    want = np.asarray(x, np.float64) @ np.asarray(unpack(matrix), np.float64).T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_attach_rejects_a_copy_that_is_not_exact():
