@@ -15,6 +15,15 @@ def test_missing_checkpoint_names_the_path(tmp_path):
         gemma_lab.load(missing)
 
 
+@pytest.mark.parametrize("path", ["", "  "])
+def test_empty_checkpoint_path_is_rejected(path, tmp_path, monkeypatch):
+    # From a folder that holds a checkpoint, "" must not load it.
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="path must name a .gguf file"):
+        gemma_lab.load(path)
+
+
 def test_truncated_gguf_is_a_clear_error(tmp_path, gguf_path):
     broken = tmp_path / "broken.gguf"
     with open(gguf_path, "rb") as f:
