@@ -7,7 +7,7 @@ The few entry points the notebooks use:
 """
 
 from gemma_lab.capture import Capture, capture
-from gemma_lab.chat import ChatSession, render
+from gemma_lab.chat import ChatSession, encode_messages, render
 from gemma_lab.checkpoints.hf_multimodal import load_multimodal
 from gemma_lab.checkpoints.rules import CheckpointError
 from gemma_lab.config import PRESETS, TransformerConfig, preset
@@ -31,6 +31,7 @@ __all__ = [
     "TransformerConfig",
     "capture",
     "default_checkpoint",
+    "encode_messages",
     "load",
     "load_multimodal",
     "prepare_prompt",

@@ -151,30 +151,70 @@ def induction_scores(cap: Capture, period: int) -> HeadScores:
     )
 
 
+GEMMA3_VOCAB_SIZE = 262_144
+"""The vocabulary size of every Gemma 3 model."""
+
+
 def repeated_random_tokens(
     *,
     key: Array,
     length: int = 50,
     repeats: int = 2,
-    low: int = 1000,
-    high: int = 250_000,
+    vocab_size: int = GEMMA3_VOCAB_SIZE,
+    low: int | None = None,
+    high: int | None = None,
     bos_id: int = 2,
 ) -> Int[Array, "1 T"]:
     """`[bos] + x * repeats` for x of `length` uniform ids in [low, high).
 
-    The default id range skips Gemma's control, byte and unused tokens.
+    Args:
+        key: a `jax.random.key`; the same key gives the same ids.
+        length: the period P of the repeated sequence (>= 2).
+        repeats: how many times the sequence appears (>= 1).
+        vocab_size: the model's vocabulary size V, e.g.
+            `model.config.vocab_size`; default Gemma 3's 262144.
+        low: the smallest id drawn. Default: min(1000, high // 2), which
+            for Gemma 3 skips its control, byte and unused pieces.
+        high: one past the largest id drawn, at most V. Default:
+            min(250000, V), which for Gemma 3 skips the unused pieces at
+            the end of its vocabulary.
+        bos_id: the first id, in [0, V).
 
     Returns:
         Token ids [1, 1 + length * repeats], int32.
+
+    Raises:
+        ValueError: on a length, repeats or vocab_size out of range, or
+            ids that do not satisfy 0 <= low < high <= vocab_size and
+            0 <= bos_id < vocab_size.
     """
-    if length < 2 or repeats < 1 or not 0 <= low < high:
+    low, high = _id_range(vocab_size, low, high, bos_id)
+    if length < 2 or repeats < 1:
         raise ValueError(
-            f"need length >= 2, repeats >= 1, 0 <= low < high; got "
-            f"length={length}, repeats={repeats}, low={low}, high={high}"
+            f"need length >= 2 and repeats >= 1; got length={length}, "
+            f"repeats={repeats}"
         )
     x = jax.random.randint(key, (length,), low, high, dtype=jnp.int32)
     bos = jnp.array([bos_id], jnp.int32)
     return jnp.concatenate([bos, jnp.tile(x, repeats)])[None]
+
+
+def _id_range(vocab_size, low, high, bos_id) -> tuple[int, int]:
+    """The checked [low, high) of `repeated_random_tokens`."""
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+    high = min(250_000, vocab_size) if high is None else high
+    low = min(1000, high // 2) if low is None else low
+    if not 0 <= low < high <= vocab_size:
+        raise ValueError(
+            f"need 0 <= low < high <= vocab_size; got low={low}, "
+            f"high={high}, vocab_size={vocab_size}"
+        )
+    if not 0 <= bos_id < vocab_size:
+        raise ValueError(
+            f"bos_id must lie in [0, {vocab_size}) (vocab_size), got {bos_id}"
+        )
+    return low, high
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from gemma_lab.model import Transformer
+from gemma_lab.model import Transformer, check_token_ids
 
 
 @jax.tree_util.register_dataclass
@@ -150,13 +150,16 @@ def capture(
         A `Capture` with probs [B, N, T, T] and residuals [B, T, D].
 
     Raises:
-        ValueError: `tokens` not 2-D, or a layer out of range.
+        ValueError: `tokens` not 2-D, concrete ids outside the vocabulary,
+            or a layer out of range.
     """
     if jnp.ndim(tokens) != 2:
         raise ValueError(
             f"tokens must have shape [B, T], got shape {jnp.shape(tokens)}"
         )
     chosen = check_layers(layers, len(model.layers))
+    # Checked here: under nnx.jit the forward pass only sees traced ids.
+    check_token_ids(tokens, model.config.vocab_size, positions)
     run = _capture_jit if jit else _capture
     return run(
         model, jnp.asarray(tokens), positions, head_mask, chosen, return_logits

@@ -15,8 +15,11 @@ Words used in this module:
   the images under an "images" key.
 
 The rendering follows the chat template shipped with the Gemma 3 instruction
-tuned checkpoints. A `ChatSession` keeps the KV cache between turns, so a new
-turn prefills only its own tokens, never the whole history.
+tuned checkpoints. `encode_messages` gives its ids with the template's markers
+as special ids and message content as plain text, so that "<end_of_turn>"
+typed in a message stays text and cannot end the turn. A `ChatSession` keeps
+the KV cache between turns, so a new turn prefills only its own tokens, never
+the whole history.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 from gemma_lab.sampler import Sampler, SampleResult
+from gemma_lab.tokenizer import Tokenizer
 from gemma_lab.vision.layout import IMAGE_MARKER
 
 _GEMMA_ROLE = {"user": "user", "assistant": "model", "model": "model"}
@@ -94,19 +98,68 @@ def render(
     >>> render([{"role": "system", "content": "Be brief."},
     ...         {"role": "user", "content": "Hi"}])
     '<bos><start_of_turn>user\\nBe brief.\\n\\nHi<end_of_turn>\\n<start_of_turn>model\\n'
+    Encoding the rendered text reads special pieces written in message
+    content as markers; `encode_messages` keeps content as plain text.
     """  # noqa: E501
-    turns = _check_messages(messages)
-    if add_generation_prompt and turns and turns[-1][0] != "user":
-        raise ValueError(
-            "add_generation_prompt needs the last message to be a user "
-            f"message, got a {turns[-1][0]} turn"
-        )
+    turns = _turns(messages, add_generation_prompt)
     text = "<bos>" if bos else ""
     for role, content in turns:
         text += f"<start_of_turn>{role}\n{content}<end_of_turn>\n"
     if add_generation_prompt:
         text += "<start_of_turn>model\n"
     return text
+
+
+def encode_messages(
+    messages: Sequence[Mapping[str, str]],
+    tokenizer: Tokenizer,
+    *,
+    add_generation_prompt: bool = True,
+    bos: bool = True,
+) -> list[int]:
+    """The token ids of `render(messages)`, message content as plain text.
+
+    The template's markers become their ids; content is encoded with
+    `special=False`, so a control piece such as "<end_of_turn>" written in a
+    message is spelled out as text. Image markers (`<start_of_image>`) in
+    content keep their id. For content without control pieces the ids equal
+    `tokenizer.encode(render(messages))`.
+
+    Args:
+        messages: as for `render`.
+        tokenizer: the Gemma 3 `Tokenizer`.
+        add_generation_prompt: end with `<start_of_turn>model\n`.
+        bos: start with the BOS id.
+
+    Returns:
+        The ids, a list of ints.
+
+    Raises:
+        ValueError: as `render`.
+    """
+    turns = _turns(messages, add_generation_prompt)
+
+    def plain(text: str) -> list[int]:
+        return tokenizer.encode(text, add_bos=False, special=False)
+
+    ids = [tokenizer.bos_id] if bos else []
+    for role, content in turns:
+        ids += [tokenizer.start_of_turn_id, *plain(f"{role}\n{content}")]
+        ids += [tokenizer.end_of_turn_id, *plain("\n")]
+    if add_generation_prompt:
+        ids += [tokenizer.start_of_turn_id, *plain("model\n")]
+    return ids
+
+
+def _turns(messages, add_generation_prompt: bool) -> list[tuple]:
+    """Checked (gemma_role, content) turns, ready for a generation prompt."""
+    turns = _check_messages(messages)
+    if add_generation_prompt and turns and turns[-1][0] != "user":
+        raise ValueError(
+            "add_generation_prompt needs the last message to be a user "
+            f"message, got a {turns[-1][0]} turn"
+        )
+    return turns
 
 
 class ChatSession:
@@ -222,17 +275,14 @@ class ChatSession:
     def _prepare(self, user: dict, overrides: dict) -> tuple[list[int], dict]:
         """The ids to prefill for a new user turn, and generate's kwargs."""
         messages = self.messages + [user]
-        render(messages)  # Validates roles and content before any work.
         tokenizer = self.sampler.tokenizer
+        _turns(messages, True)  # Validates roles and content first.
         if self._cache is None:
-            new_ids = tokenizer.encode(render(messages))
-            fed = messages
+            new_ids, fed = encode_messages(messages, tokenizer), messages
         else:
-            turn = render([user], bos=False)
-            new_ids = self._pending + tokenizer.encode(
-                "\n" + turn, add_bos=False
-            )
-            fed = [user]
+            newline = tokenizer.encode("\n", add_bos=False, special=False)
+            turn = encode_messages([user], tokenizer, bos=False)
+            new_ids, fed = self._pending + newline + turn, [user]
         kwargs = {"max_new_tokens": self.max_new_tokens, **self.sampling}
         kwargs.update(overrides)
         images = [x for m in fed for x in m.get("images", ())]

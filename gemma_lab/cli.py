@@ -2,13 +2,19 @@
 
     gemma-lab generate --max-new-tokens 32 "The capital of France is"
     gemma-lab generate --temperature 0.8 --top-p 0.9 --seed 1 "Once upon"
+    gemma-lab generate --max-len 4096 --truncate "$(cat long.txt)"
     gemma-lab chat --system "Be brief."
 
 `generate` decodes greedily unless `--temperature` is above 0 and prints the
-continuation as it arrives. `chat` is an interactive conversation: type a
-message, `/reset` to start over, `/exit` (or end of input) to leave. Both load
-the embedded Gemma 3 270M unless `--checkpoint` names a .gguf file or a
-Hugging Face safetensors folder, and both work offline.
+continuation as it arrives. The prompt and the new tokens must fit
+`--max-len` (default 2048, or the model's context if smaller); a longer
+prompt is an error unless `--truncate` drops its oldest tokens after BOS.
+
+`chat` is an interactive conversation: type a message, `/reset` to start
+over, `/exit` (or end of input) to leave; a message that would take the
+conversation past `--max-len` is refused. Both load the embedded Gemma 3
+270M unless `--checkpoint` names a .gguf file or a Hugging Face safetensors
+folder, and both work offline.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import sys
 from gemma_lab.chat import ChatSession
 from gemma_lab.loading import load
 from gemma_lab.sampler import Sampler
+
+DEFAULT_MAX_LEN = 2048
+"""The default cache length of both commands (prompt + new tokens)."""
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, new: int) -> None:
@@ -51,11 +60,26 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="stop at this text (repeatable)",
     )
+    gen.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help=f"prompt + new tokens limit (default: {DEFAULT_MAX_LEN}, or the "
+        "model's context if smaller)",
+    )
+    gen.add_argument(
+        "--truncate",
+        action="store_true",
+        help="drop the prompt's oldest tokens (after BOS) to fit --max-len",
+    )
     _add_sampling_options(gen, 64)
     chat = commands.add_parser("chat", help="interactive chat (streaming)")
     chat.add_argument("--system", default=None, help="a system message")
     chat.add_argument(
-        "--max-len", type=int, default=2048, help="conversation length limit"
+        "--max-len",
+        type=int,
+        default=DEFAULT_MAX_LEN,
+        help=f"conversation length limit (default: {DEFAULT_MAX_LEN})",
     )
     _add_sampling_options(chat, 256)
     return parser
@@ -73,15 +97,41 @@ def _sampling(args) -> dict:
 
 def _generate(args, out) -> int:
     model, tokenizer = load(args.checkpoint)
+    max_len = _fitting_max_len(args, model.config.max_seq_len)
+    ids = tokenizer.encode(args.prompt)
+    room = max_len - args.max_new_tokens
+    if len(ids) > room and not args.truncate:
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens, over the {room} that "
+            f"--max-len {max_len} leaves after --max-new-tokens "
+            f"{args.max_new_tokens}; raise --max-len or pass --truncate"
+        )
+
     sampler = Sampler(model, tokenizer)
     stream = sampler.stream(
-        args.prompt, stop_strings=args.stop, **_sampling(args)
+        ids,
+        stop_strings=args.stop,
+        max_len=max_len,
+        truncate=args.truncate,
+        **_sampling(args),
     )
     for piece in stream:
         out.write(piece)
         out.flush()
     out.write("\n")
     return 0
+
+
+def _fitting_max_len(args, context: int) -> int:
+    """`--max-len`, or its default, checked against the model's context."""
+    if args.max_len is None:
+        return min(DEFAULT_MAX_LEN, context)
+    if args.max_len > context:
+        raise ValueError(
+            f"--max-len must be <= the model's context {context}, got "
+            f"{args.max_len}"
+        )
+    return args.max_len
 
 
 def _chat(args, out, lines) -> int:
@@ -158,6 +208,21 @@ def _check_options(args) -> str | None:
         return f"--top-k must be >= 1, got {args.top_k}"
     if args.top_p is not None and not 0 < args.top_p <= 1:
         return f"--top-p must lie in (0, 1], got {args.top_p}"
+    return _check_max_len(args)
+
+
+def _check_max_len(args) -> str | None:
+    """Whether `--max-len` leaves room for a prompt after the new tokens."""
+    if args.max_len is None:
+        return None
+    # A kept prompt needs BOS, and a truncated one BOS plus its last token.
+    prompt = 2 if getattr(args, "truncate", False) else 1
+    least = args.max_new_tokens + prompt
+    if args.max_len < least:
+        return (
+            f"--max-len must be >= --max-new-tokens + {prompt} = {least}, "
+            f"got {args.max_len}"
+        )
     return None
 
 

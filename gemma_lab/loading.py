@@ -54,6 +54,7 @@ def load(
         (model, tokenizer).
 
     Raises:
+        ValueError: `path` is empty.
         FileNotFoundError: `path` does not exist.
         gemma_lab.CheckpointError: the file is unreadable or does not fit.
 
@@ -61,6 +62,12 @@ def load(
     >>> model(jnp.array([tokenizer.encode("Hello")])).shape  # doctest: +SKIP
     (1, 2, 262144)
     """
+    if path is not None and not os.fspath(path).strip():
+        # pathlib reads "" as the current folder, which is never meant.
+        raise ValueError(
+            f"path must name a .gguf file or a checkpoint folder, got "
+            f"{path!r}; pass None for the embedded Gemma 3 270M"
+        )
     path = default_checkpoint() if path is None else pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(

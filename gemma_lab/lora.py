@@ -294,8 +294,17 @@ def save_adapter(model: Transformer, path: os.PathLike) -> pathlib.Path:
     return pathlib.Path(path)
 
 
+_METADATA_KEYS = ("rank", "alpha", "targets", "base")
+
+
 def read_adapter(path: os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """Reads an adapter file: (metadata with typed values, tensors)."""
+    """Reads an adapter file: (metadata with typed values, tensors).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        AdapterMismatchError: the file is not a gemma_lab adapter, or its
+            metadata lacks a key or holds a value that does not parse.
+    """
     from safetensors import safe_open
 
     path = pathlib.Path(path)
@@ -309,12 +318,23 @@ def read_adapter(path: os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
             f"{str(path)!r} is not a gemma_lab adapter file: format is "
             f"{raw.get('format')!r}, expected {FORMAT!r}"
         )
-    meta = {
-        "rank": int(raw["rank"]),
-        "alpha": float(raw["alpha"]),
-        "targets": json.loads(raw["targets"]),
-        "base": raw["base"],
-    }
+    missing = [key for key in _METADATA_KEYS if key not in raw]
+    if missing:
+        raise AdapterMismatchError(
+            f"adapter {str(path)!r} lacks the metadata keys {missing}; "
+            f"expected all of {list(_METADATA_KEYS)}, as save_adapter writes"
+        )
+    try:
+        meta = {
+            "rank": int(raw["rank"]),
+            "alpha": float(raw["alpha"]),
+            "targets": json.loads(raw["targets"]),
+            "base": raw["base"],
+        }
+    except ValueError as error:
+        raise AdapterMismatchError(
+            f"adapter {str(path)!r} has unreadable metadata: {error}"
+        ) from error
     return meta, tensors
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
@@ -53,6 +54,34 @@ class ModelOutput:
     cache: Cache | None = None
     attention: dict[int, Array] = dataclasses.field(default_factory=dict)
     residual: dict[int, Array] = dataclasses.field(default_factory=dict)
+
+
+def check_token_ids(
+    tokens: Int[Array, "B T"],
+    vocab_size: int,
+    positions: Int[Array, "B T"] | None = None,
+) -> None:
+    """Raises ValueError if concrete token ids fall outside [0, vocab_size).
+
+    Ids at padding positions (-1 in `positions`) are not looked at. Traced
+    ids (under `jax.jit`) have no values yet and are not checked; the check
+    costs one min and one max otherwise.
+    """
+    if isinstance(tokens, jax.core.Tracer) or isinstance(
+        positions, jax.core.Tracer
+    ):
+        return
+    tokens = jnp.asarray(tokens)
+    if tokens.size == 0:
+        return
+    if positions is not None:
+        tokens = jnp.where(jnp.asarray(positions) >= 0, tokens, 0)
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"tokens must lie in [0, {vocab_size}) (the vocabulary), got "
+            f"ids from {low} to {high}"
+        )
 
 
 class Block(nnx.Module):
@@ -132,7 +161,11 @@ class Transformer(nnx.Module):
         tokens: Int[Array, "B T"],
         positions: Int[Array, "B T"] | None = None,
     ) -> Float[Array, "B T V"]:
-        """Logits for a batch of token ids (positions default to 0..T-1)."""
+        """Logits for a batch of token ids (positions default to 0..T-1).
+
+        Raises:
+            ValueError: concrete token ids outside [0, vocab_size).
+        """
         return self.forward(tokens, positions).logits
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
@@ -207,8 +240,13 @@ class Transformer(nnx.Module):
 
         Returns:
             A `ModelOutput`.
+
+        Raises:
+            ValueError: concrete token ids outside the vocabulary (traced
+                ids are not checked), or a cache with another layer count.
         """
         b, t = tokens.shape
+        check_token_ids(tokens, self.config.vocab_size, positions)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is not None and len(cache) != len(self.layers):

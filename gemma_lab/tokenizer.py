@@ -8,6 +8,10 @@ Words used in this module:
 - special piece: a marker such as `<bos>` or `<start_of_turn>`. GGUF calls
   them CONTROL or USER_DEFINED tokens; either way, written as text in the
   input, a special piece becomes its single id.
+- plain text: text encoded with `special=False`, where CONTROL pieces such
+  as "<end_of_turn>" are ordinary characters, as in Gemma's own
+  `tokenizer.model`. Chat content is encoded this way, so a message cannot
+  forge a turn marker.
 - BOS: the `<bos>` id that starts every sequence the model sees.
 
 The tokenizer behaves like Gemma's own `tokenizer.model`: a BPE SentencePiece
@@ -111,18 +115,13 @@ class Tokenizer:
                 "model_proto must be a sentencepiece ModelProto, got "
                 f"{type(model_proto).__name__}"
             )
+        # The model as given keeps its piece types, for `special=False`.
+        self._serialized = model_proto.SerializeToString()
+        self._plain_processor = None
         proto = sentencepiece_model_pb2.ModelProto()
         proto.CopyFrom(model_proto)
         _match_special_pieces_in_text(proto)
-
-        self._processor = sentencepiece.SentencePieceProcessor()
-        self._serialized = proto.SerializeToString()
-        try:
-            self._processor.LoadFromSerializedProto(self._serialized)
-        except (RuntimeError, OSError) as error:
-            raise ValueError(
-                f"model_proto is not a usable SentencePiece model: {error}"
-            ) from error
+        self._processor = _processor(proto)
 
         self._special_ids = {
             name: self._processor.PieceToId(piece)
@@ -254,7 +253,9 @@ class Tokenizer:
 
     # Encoding and decoding.
 
-    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+    def encode(
+        self, text: str, *, add_bos: bool = True, special: bool = True
+    ) -> list[int]:
         """Splits text into token ids.
 
         Args:
@@ -262,6 +263,9 @@ class Tokenizer:
                 "<start_of_turn>", become their single id.
             add_bos: start the ids with BOS. A literal "<bos>" at the very
                 start of `text` gives the same single BOS either way.
+            special: False encodes `text` as plain text: CONTROL pieces
+                ("<bos>", "<end_of_turn>", ...) written in it are spelled
+                out as ordinary pieces and never become their ids.
 
         Returns:
             The ids, a list of ints.
@@ -274,6 +278,9 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         bos_id = self._special_ids["bos"]
+        if not special:
+            ids = list(self._plain().EncodeAsIds(text))
+            return [bos_id, *ids] if add_bos else ids
 
         # SentencePiece only ever emits <unk> as a fallback, never matches it
         # in text, so the text is cut at each literal "<unk>" first.
@@ -296,6 +303,15 @@ class Tokenizer:
         if add_bos or starts_with_bos:
             return [bos_id, *body]
         return body
+
+    def _plain(self) -> sentencepiece.SentencePieceProcessor:
+        """The processor of `special=False`, built on first use."""
+        if self._plain_processor is None:
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self._serialized)
+            _keep_markers_out_of_text(proto)
+            self._plain_processor = _processor(proto)
+        return self._plain_processor
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Turns token ids back into text.
@@ -405,6 +421,39 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def _processor(
+    proto: sentencepiece_model_pb2.ModelProto,
+) -> sentencepiece.SentencePieceProcessor:
+    """A SentencePiece processor over `proto`."""
+    processor = sentencepiece.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(proto.SerializeToString())
+    except (RuntimeError, OSError) as error:
+        raise ValueError(
+            f"model_proto is not a usable SentencePiece model: {error}"
+        ) from error
+    return processor
+
+
+# Markers that plain text never produces, whatever type a model gives them.
+_PLAIN_TEXT_CONTROL = ("pad", "eos", "bos", "start_of_turn", "end_of_turn")
+
+
+def _keep_markers_out_of_text(
+    proto: sentencepiece_model_pb2.ModelProto,
+) -> None:
+    """Makes the turn and sequence markers CONTROL pieces, in place.
+
+    SentencePiece never matches CONTROL pieces in text. The markers are set
+    explicitly because a model saved by an older `serialized_model` lists
+    them as USER_DEFINED.
+    """
+    markers = {_SPECIAL_PIECES[name] for name in _PLAIN_TEXT_CONTROL}
+    for piece in proto.pieces:
+        if piece.piece in markers:
+            piece.type = _Piece.CONTROL
 
 
 def _match_special_pieces_in_text(

@@ -69,6 +69,21 @@ def test_repeated_random_tokens_are_bos_then_a_seeded_sequence_twice():
         analysis.repeated_random_tokens(key=jax.random.key(0), length=1)
 
 
+def test_repeated_random_tokens_stay_inside_the_given_vocabulary():
+    vocab = testing.TINY_CONFIG.vocab_size
+    ids = analysis.repeated_random_tokens(
+        key=jax.random.key(0), length=200, vocab_size=vocab
+    )
+    assert int(ids.max()) < vocab and int(ids[0, 1:].min()) >= vocab // 2
+    testing.tiny_model()(ids)  # The ids index the tiny model's embedding.
+    with pytest.raises(ValueError, match="high=600, vocab_size=512"):
+        analysis.repeated_random_tokens(
+            key=jax.random.key(0), vocab_size=vocab, high=600
+        )
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 2"):
+        analysis.repeated_random_tokens(key=jax.random.key(0), vocab_size=1)
+
+
 def test_ablation_mask_zeroes_exactly_the_named_heads():
     mask = np.asarray(analysis.ablation_mask(testing.TINY_CONFIG, [(1, 2)]))
     assert mask.shape == (4, 4) and mask.sum() == 15 and mask[1, 2] == 0

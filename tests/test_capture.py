@@ -144,3 +144,10 @@ def test_real_model_local_layer_masks_keys_past_512_and_global_does_not(
     assert np.all(local[:, np.triu(np.ones((t, t), bool), k=1)] == 0.0)
     # The global layer keeps attending to <bos>, 599 positions back.
     assert np.all(global_[:, -1, 0] > 1e-3)
+
+
+@pytest.mark.parametrize("bad", [-1, 512])
+def test_capture_rejects_token_ids_outside_the_vocabulary(tiny, tokens, bad):
+    ids = tokens.at[1, 5].set(bad)
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 512\)"):
+        capture(tiny, ids)

@@ -15,6 +15,15 @@ def test_missing_checkpoint_names_the_path(tmp_path):
         gemma_lab.load(missing)
 
 
+@pytest.mark.parametrize("path", ["", "  "])
+def test_empty_checkpoint_path_is_rejected(path, tmp_path, monkeypatch):
+    # From a folder that holds a checkpoint, "" must not load it.
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="path must name a .gguf file"):
+        gemma_lab.load(path)
+
+
 def test_truncated_gguf_is_a_clear_error(tmp_path, gguf_path):
     broken = tmp_path / "broken.gguf"
     with open(gguf_path, "rb") as f:
@@ -84,3 +93,14 @@ def test_corrupt_cache_entry_is_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMMA_LAB_CACHE", str(tmp_path))
     (tmp_path / "abc.safetensors").write_bytes(b"garbage")
     assert cache.load_cached("abc", "v1") is None
+
+
+def test_text_and_vision_tables_share_one_pair_of_transforms():
+    from gemma_lab.checkpoints import hf_siglip, onnx_vit, rules
+
+    vision = [hf_siglip.SIGLIP_RULES, onnx_vit.DINOV2_ONNX_RULES]
+    tables = [rules.HF_RULES, rules.GGUF_RULES, *vision]
+    transforms = {t.__name__: t for table in tables for *_, t in table}
+    assert transforms["same"] is rules.same
+    assert transforms["transpose"] is rules.transpose
+    assert len({t for table in tables for *_, t in table}) == len(transforms)

@@ -1,10 +1,46 @@
-"""Tests of the `gemma-lab` command on the real 270M (loaded once)."""
+"""Tests of the `gemma-lab` command on the real 270M (loaded once).
+
+Option checks and prompt lengths run on the tiny model with a stand-in
+tokenizer, one id per character.
+"""
 
 import io
 
 import pytest
 
-from gemma_lab import cli
+from gemma_lab import cli, testing
+
+
+class _CharTokenizer:
+    """One id per character (3 + code point mod 400), BOS 2."""
+
+    bos_id, eos_id, end_of_turn_id = 2, 1, 106
+
+    def encode(self, text, add_bos=True):
+        ids = [3 + (ord(c) % 400) for c in text]
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids):
+        return "".join(chr(i - 3) for i in ids)
+
+
+@pytest.fixture()
+def tiny_load(monkeypatch):
+    """Makes the command load the tiny model (context 256)."""
+    model = testing.tiny_model()
+    monkeypatch.setattr(
+        cli, "load", lambda path, **kwargs: (model, _CharTokenizer())
+    )
+
+
+@pytest.fixture()
+def no_load(monkeypatch):
+    """Fails the test if the command loads a model."""
+
+    def load(path, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "load", load)
 
 
 @pytest.fixture()
@@ -62,3 +98,70 @@ def test_missing_checkpoint_is_a_one_line_error(capsys, tmp_path):
     assert cli.main(["generate", "--checkpoint", missing, "Hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gemma-lab: error: checkpoint") and missing in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["generate", "--max-new-tokens", "8", "--max-len", "8", "Hi"],
+            "--max-len must be >= --max-new-tokens + 1 = 9, got 8",
+        ),
+        (
+            ["generate", "--max-new-tokens", "8", "--max-len", "9",
+             "--truncate", "Hi"],
+            "--max-len must be >= --max-new-tokens + 2 = 10, got 9",
+        ),
+        (
+            ["chat", "--max-new-tokens", "300", "--max-len", "256"],
+            "--max-len must be >= --max-new-tokens + 1 = 301, got 256",
+        ),
+    ],
+)  # fmt: skip
+def test_max_len_without_room_is_rejected_before_loading(
+    no_load, capsys, argv, message
+):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prompt_over_max_len_is_a_one_line_error(tiny_load, capsys):
+    argv = ["generate", "--max-new-tokens", "4", "--max-len", "64"]
+    out = io.StringIO()
+    assert cli.main([*argv, "x" * 100], stdout=out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and out.getvalue() == ""
+    assert "the prompt has 101 tokens, over the 60 that --max-len 64" in err
+    assert "pass --truncate" in err
+
+
+def test_default_max_len_is_the_tiny_models_context(tiny_load, capsys):
+    out = io.StringIO()
+    argv = ["generate", "--max-new-tokens", "4", "x" * 300]
+    assert cli.main(argv, stdout=out) == 2
+    assert "--max-len 256 leaves" in capsys.readouterr().err
+
+
+def test_truncate_keeps_the_newest_prompt_tokens(tiny_load, monkeypatch):
+    seen = {}
+    stream = cli.Sampler.stream
+
+    def spy(self, prompt, **kwargs):
+        pieces = stream(self, prompt, **kwargs)
+        seen.update(kwargs, pieces=pieces)
+        return pieces
+
+    monkeypatch.setattr(cli.Sampler, "stream", spy)
+    argv = ["generate", "--max-new-tokens", "4", "--max-len", "64"]
+    out = io.StringIO()
+    assert cli.main([*argv, "--truncate", "x" * 100], stdout=out) == 0
+    assert seen["max_len"] == 64 and seen["truncate"] is True
+    assert seen["pieces"].result.lengths == [64 - 4 + 3]
+
+
+def test_max_len_over_the_models_context_is_an_error(tiny_load, capsys):
+    argv = ["generate", "--max-len", "4096", "Hi"]
+    assert cli.main(argv) == 2
+    assert "--max-len must be <= the model's context 256, got 4096" in (
+        capsys.readouterr().err
+    )

@@ -139,3 +139,17 @@ def test_merged_model_is_a_plain_copy_with_the_adapted_logits():
     # The source model keeps its unmerged adapters and its logits.
     assert not any(m.merged for m in lora.adapters(model).values())
     np.testing.assert_array_equal(model(TOKENS), adapted)
+
+
+def test_adapter_with_incomplete_metadata_is_a_clear_error(tmp_path):
+    from safetensors.numpy import save_file
+
+    model = lora.apply_lora(testing.tiny_model(), rank=4)
+    path = tmp_path / "partial.safetensors"
+    metadata = {"format": lora.FORMAT, "rank": "4"}
+    save_file(lora.adapter_tensors(model), str(path), metadata=metadata)
+    with pytest.raises(lora.AdapterMismatchError) as caught:
+        lora.load_adapter(testing.tiny_model(), path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "'alpha', 'targets', 'base'" in message

@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from gemma_lab import testing
 from gemma_lab.checkpoints.hf import read_hf
@@ -121,3 +122,26 @@ def test_cache_free_forward_equals_chunked_forward_with_cache():
         cache = out.cache
         outs.append(out.logits)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-3, 512, 10**6])
+def test_token_ids_outside_the_vocabulary_are_rejected(bad):
+    model = testing.tiny_model()
+    tokens = jnp.array([[2, 10, bad, 11]], jnp.int32)
+    with pytest.raises(ValueError, match=rf"\[0, 512\).*{bad}"):
+        model(tokens)
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 512\)"):
+        model.forward(tokens, return_logits=False)
+
+
+def test_padding_ids_and_traced_ids_are_not_checked():
+    model = testing.tiny_model()
+    tokens = jnp.array([[2, 10, -1]], jnp.int32)
+    positions = jnp.array([[0, 1, -1]], jnp.int32)
+    assert np.isfinite(model(tokens, positions)[:, :2]).all()
+
+    @nnx.jit
+    def logits(model, tokens):
+        return model(tokens)
+
+    assert logits(model, jnp.array([[2, 10, 11]], jnp.int32)).shape[1] == 3

