@@ -194,3 +194,38 @@ def _named_word(example: VQAExample) -> str | None:
         return None
     named = [word for word in words if word in COLOURS + SHAPES]
     return named[0] if named else None
+
+
+def names_present(example: VQAExample) -> bool:
+    """Whether a yes/no example asks about a colour or shape that is there.
+
+    "Is there a red shape?" answered "yes" and "Is there not a circle?"
+    answered "no" are both about something present; most easy-vqa yes/no
+    questions ask about something absent.
+    """
+    return example.answer in ("yes", "no") and _named_word(example) is not None
+
+
+def balance_presence(examples: Sequence[VQAExample]) -> list[VQAExample]:
+    """The examples, with yes/no questions about present things repeated.
+
+    In easy-vqa about five of six yes/no questions name a colour or shape
+    that is absent, so a model that never looks at the image already
+    answers most of them right. Repeating the questions about present
+    things until both kinds are about equally many removes that shortcut.
+    The copies are appended after the original examples, so
+    `unique_images` lists the images in the same order.
+
+    Args:
+        examples: questions with answers, e.g. a training split.
+
+    Returns:
+        A new list: `examples`, then the extra copies.
+    """
+    present = [example for example in examples if names_present(example)]
+    absent = sum(
+        example.answer in ("yes", "no") and not names_present(example)
+        for example in examples
+    )
+    repeats = absent // len(present) - 1 if present else 0
+    return [*examples, *(present * max(repeats, 0))]

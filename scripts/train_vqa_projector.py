@@ -55,6 +55,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="skip the caption alignment of the projector before training",
     )
+    parser.add_argument(
+        "--no-balance",
+        action="store_true",
+        help="train on the yes/no questions as they come, without repeating "
+        "the ones about colours and shapes that are present",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=pathlib.Path, default=OUTPUT)
     parser.add_argument("--features-only", action="store_true")
@@ -150,6 +156,10 @@ def build_model(args):
 def train_and_save(model, tokenizer, train, features, rows, args) -> None:
     from gemma_lab import lora, vqa
 
+    captions = data_vqa.image_captions(train)
+    if not args.no_balance:
+        train = data_vqa.balance_presence(train)
+        rows = data_vqa.unique_images(train)[1]
     batch = vqa.make_batch(
         tokenizer,
         [example.question for example in train],
@@ -157,7 +167,6 @@ def train_and_save(model, tokenizer, train, features, rows, args) -> None:
         tokens_per_image=args.tokens_per_image,
     )
     if not (args.no_align or args.resume):
-        captions = data_vqa.image_captions(train)
         targets = vqa.caption_embeddings(
             model.language_model, tokenizer, captions
         )
@@ -169,6 +178,7 @@ def train_and_save(model, tokenizer, train, features, rows, args) -> None:
         "learning_rate": str(args.learning_rate),
         "lora_rank": str(args.lora_rank),
         "aligned": str(not (args.no_align or args.resume)),
+        "balanced": str(not args.no_balance),
         "train_images": str(args.train_images),
         "seed": str(args.seed),
         "resumed": str(args.resume),

@@ -5,6 +5,8 @@ trained projector and adapters from gemma_lab/assets, the Gemma 3 270M) on a
 seeded sample of easy-vqa test questions.
 """
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -82,6 +84,41 @@ def test_captions_name_the_colour_and_shape_the_answers_reveal():
     assert len(two_words) > 3000
     colour, shape = two_words[0].split()
     assert colour in data_vqa.COLOURS and shape in data_vqa.SHAPES
+
+
+def test_balancing_repeats_yes_no_questions_about_present_things():
+    examples = data_vqa.load_split("train")
+    balanced = data_vqa.balance_presence(examples)
+
+    def counts(rows):
+        yes_no = [e for e in rows if e.answer in ("yes", "no")]
+        present = sum(map(data_vqa.names_present, yes_no))
+        return present, len(yes_no) - present
+
+    present, absent = counts(examples)
+    assert present < absent / 3  # the shortcut: "absent" is the safe guess
+    present, absent = counts(balanced)
+    assert 0.75 < present / absent <= 1.0
+    assert balanced[: len(examples)] == examples
+    assert (
+        data_vqa.unique_images(balanced)[0]
+        == (data_vqa.unique_images(examples)[0])
+    )
+
+
+def test_presence_reads_the_answer_and_the_negation():
+    def example(question, answer):
+        return data_vqa.VQAExample(question, answer, 0, pathlib.Path("0.png"))
+
+    assert data_vqa.names_present(example("is there a red shape?", "yes"))
+    assert data_vqa.names_present(example("is there not a circle?", "no"))
+    assert not data_vqa.names_present(example("is there a circle?", "no"))
+    assert not data_vqa.names_present(
+        example("does the image not contain a blue shape?", "yes")
+    )
+    assert not data_vqa.names_present(
+        example("what shape is in the image?", "circle")
+    )
 
 
 def test_alignment_fits_soft_tokens_to_their_targets():
