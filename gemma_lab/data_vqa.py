@@ -144,3 +144,88 @@ def load_image(path: str | pathlib.Path) -> np.ndarray:
     """One image as a [H, W, 3] uint8 array (64 x 64 for easy-vqa)."""
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+COLOURS = ("red", "green", "blue", "teal", "yellow", "brown", "gray", "black")
+"""The eight colour answers."""
+
+SHAPES = ("circle", "rectangle", "triangle")
+"""The three shape answers."""
+
+
+def image_captions(examples: Sequence[VQAExample]) -> list[str]:
+    """A two-word caption ("red circle") per distinct image, from answers.
+
+    The words are read off the questions about each image: a colour or
+    shape answer names its word directly, and a yes/no question about a
+    colour or shape names it when the answer says it is present ("yes"
+    without a negation, "no" with one). A word no question reveals is left
+    out, so a caption may have one word or none.
+
+    Args:
+        examples: questions with answers, e.g. a training split.
+
+    Returns:
+        One caption per image, in the order of `unique_images(examples)`:
+        the colour, then the shape, separated by a space.
+    """
+    paths, rows = unique_images(examples)
+    colours: list[str | None] = [None] * len(paths)
+    shapes: list[str | None] = [None] * len(paths)
+    for example, row in zip(examples, rows, strict=True):
+        word = _named_word(example)
+        if word in COLOURS:
+            colours[row] = word
+        elif word in SHAPES:
+            shapes[row] = word
+    return [
+        " ".join(word for word in pair if word)
+        for pair in zip(colours, shapes, strict=True)
+    ]
+
+
+def _named_word(example: VQAExample) -> str | None:
+    """The colour or shape an example shows to be in its image, if any."""
+    if example.answer not in ("yes", "no"):
+        return example.answer
+    words = example.question.rstrip("?").split()
+    negated = "not" in words or "no" in words
+    if (example.answer == "yes") == negated:
+        return None
+    named = [word for word in words if word in COLOURS + SHAPES]
+    return named[0] if named else None
+
+
+def names_present(example: VQAExample) -> bool:
+    """Whether a yes/no example asks about a colour or shape that is there.
+
+    "Is there a red shape?" answered "yes" and "Is there not a circle?"
+    answered "no" are both about something present; most easy-vqa yes/no
+    questions ask about something absent.
+    """
+    return example.answer in ("yes", "no") and _named_word(example) is not None
+
+
+def balance_presence(examples: Sequence[VQAExample]) -> list[VQAExample]:
+    """The examples, with yes/no questions about present things repeated.
+
+    In easy-vqa about five of six yes/no questions name a colour or shape
+    that is absent, so a model that never looks at the image already
+    answers most of them right. Repeating the questions about present
+    things until both kinds are about equally many removes that shortcut.
+    The copies are appended after the original examples, so
+    `unique_images` lists the images in the same order.
+
+    Args:
+        examples: questions with answers, e.g. a training split.
+
+    Returns:
+        A new list: `examples`, then the extra copies.
+    """
+    present = [example for example in examples if names_present(example)]
+    absent = sum(
+        example.answer in ("yes", "no") and not names_present(example)
+        for example in examples
+    )
+    repeats = absent // len(present) - 1 if present else 0
+    return [*examples, *(present * max(repeats, 0))]

@@ -9,10 +9,13 @@ offline. This module builds a model of the same shape from parts that can:
     projection to the 270M's width 640 -> soft positions of the prompt
     -> the real Gemma 3 270M, with Gemma 3's image layout and mask.
 
-DINOv2 is a substitute for SigLIP, not the encoder Gemma 3 was trained with;
-only the projector is trained (`scripts/train_vqa_projector.py`, on
-easy-vqa), and the trained projector ships as
-`gemma_lab/assets/vqa_projector.safetensors`.
+DINOv2 is a substitute for SigLIP, not the encoder Gemma 3 was trained with.
+Training (`scripts/train_vqa_projector.py`, on easy-vqa) has two stages: an
+*alignment* fits the projector in closed form so that an image's soft tokens
+resemble the embeddings of its caption words ("red circle", read off the
+training answers), then the projector and LoRA adapters on the language
+model are trained on the answer tokens. Both ship in `gemma_lab/assets/`
+(`vqa_projector.safetensors`, `vqa_lora.safetensors`).
 
 Vocabulary: *features* are the encoder's patch outputs [I, P, E] (class
 token dropped); *soft tokens* are projected features [I, M, D]; the
@@ -332,6 +335,99 @@ def answer_loss(
     nll = -jnp.take_along_axis(log_probs, target, axis=-1)[..., 0]
     weights = batch.answer_weights
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def caption_embeddings(
+    language_model: Transformer, tokenizer, captions: Sequence[str]
+) -> Float[np.ndarray, "I D"]:
+    """One target soft token per image: its caption's word embeddings.
+
+    Each caption's words (e.g. "red circle") are embedded as the language
+    model embeds text (times sqrt(D)), averaged, and rescaled to the mean
+    norm of the embeddings averaged, so a target is as large as a token.
+    An empty caption gives a zero row.
+
+    Args:
+        language_model: the Gemma 3 text model whose embeddings to use.
+        tokenizer: its tokenizer.
+        captions: one caption per image (see `data_vqa.image_captions`).
+
+    Returns:
+        [I, D] float32 targets.
+    """
+    width = language_model.config.width
+    targets = np.zeros((len(captions), width), np.float32)
+    for i, caption in enumerate(captions):
+        ids = [
+            token
+            for word in caption.split()
+            for token in tokenizer.encode(" " + word, add_bos=False)
+        ]
+        if not ids:
+            continue
+        embedded = language_model.embedder.encode(jnp.asarray([ids]))[0]
+        vectors = np.asarray(embedded, np.float32)  # [words, D]
+        mean = vectors.mean(axis=0)
+        size = np.linalg.norm(vectors, axis=-1).mean()
+        targets[i] = mean * size / max(np.linalg.norm(mean), 1e-6)
+    return targets
+
+
+def align_projector(
+    projector: MultimodalProjector,
+    features: Float[np.ndarray, "I P E"],
+    targets: Float[np.ndarray, "I D"],
+    *,
+    ridge: float = 1e-2,
+) -> float:
+    """Fits the projection so that soft tokens resemble caption embeddings.
+
+    An alignment stage before training on answers: the norm scale is reset
+    to 1 (offset 0) and the projection kernel is solved in closed form
+    (ridge regression) so that every soft token of an image approximates
+    the image's target, e.g. the embedding of the words "red circle". The
+    language model then starts from soft tokens that read like words.
+    Images whose target is zero (no caption) are left out of the fit.
+
+    Args:
+        projector: the projector to fit, in place.
+        features: [I, P, E] encoder features of the images.
+        targets: [I, D] one target soft token per image (see
+            `caption_embeddings`).
+        ridge: weight of the penalty on the kernel, relative to the mean
+            squared normalised feature (which is 1).
+
+    Returns:
+        Mean cosine similarity between the fitted soft tokens and their
+        targets, over the images used.
+
+    Raises:
+        ValueError: if features and targets differ in number of images or
+            no target is non-zero.
+    """
+    used = np.flatnonzero(np.abs(targets).sum(axis=-1) > 0)
+    if len(features) != len(targets) or len(used) == 0:
+        raise ValueError(
+            f"got {len(features)} feature rows and {len(targets)} targets "
+            f"({len(used)} non-zero); expected equal counts and at least "
+            "one non-zero target."
+        )
+    projector.norm.scale[...] = jnp.zeros_like(projector.norm.scale[...])
+    pooled = avg_pool_tokens(jnp.asarray(features[used]), projector.tokens_out)
+    inputs = np.asarray(projector.norm(pooled), np.float64)  # [I, M, E]
+    width = inputs.shape[-1]
+    inputs = inputs.reshape(-1, width)
+    outputs = np.repeat(targets[used], projector.tokens_out, axis=0)
+
+    gram = inputs.T @ inputs + ridge * len(inputs) * np.eye(width)
+    kernel = np.linalg.solve(gram, inputs.T @ outputs)
+    projector.projection.kernel[...] = jnp.asarray(kernel, jnp.float32)
+
+    fitted = inputs @ kernel
+    cosine = np.sum(fitted * outputs, axis=-1) / (
+        np.linalg.norm(fitted, axis=-1) * np.linalg.norm(outputs, axis=-1)
+    )
+    return float(cosine.mean())
 
 
 _PROJECTOR = nnx.All(nnx.Param, nnx.PathContains("projector"))

@@ -3,10 +3,18 @@
 The frozen DINOv2 encoder runs once per image; its features, pooled to an
 8 x 8 grid (pooling again to the projector's grid is exact), are cached as
 safetensors under the gemma_lab cache folder (`$GEMMA_LAB_CACHE`, see
-`gemma_lab.checkpoints.cache`). Then only the projector (RMSNorm + linear,
-about 0.25 M parameters) is trained through the frozen Gemma 3 270M, with
-the loss on the answer tokens only, and written atomically to
-`gemma_lab/assets/vqa_projector.safetensors`.
+`gemma_lab.checkpoints.cache`). Training then has two stages:
+
+1. alignment: the projector (RMSNorm + linear, about 0.25 M parameters) is
+   fitted in closed form so that each image's soft tokens resemble the
+   embeddings of its caption words ("red circle"), read off the answers of
+   the training questions about that image (`--no-align` skips it);
+2. the projector and rank-8 LoRA adapters on the attention of the frozen
+   Gemma 3 270M are trained with the loss on the answer tokens only.
+
+Both are written atomically to `gemma_lab/assets/vqa_projector.safetensors`
+and `vqa_lora.safetensors`. The defaults (all 4,000 training images, 720
+steps of 8 questions) are the shipped run.
 
     python scripts/train_vqa_projector.py            # the shipped run
     python scripts/train_vqa_projector.py --eval-only
@@ -33,12 +41,26 @@ OUTPUT = REPO / "gemma_lab" / "assets" / "vqa_projector.safetensors"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train-images", type=int, default=480)
+    parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--test-images", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=720)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument(
+        "--tokens-per-image", type=int, default=vqa_tokens_per_image()
+    )
+    parser.add_argument(
+        "--no-align",
+        action="store_true",
+        help="skip the caption alignment of the projector before training",
+    )
+    parser.add_argument(
+        "--no-balance",
+        action="store_true",
+        help="train on the yes/no questions as they come, without repeating "
+        "the ones about colours and shapes that are present",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=pathlib.Path, default=OUTPUT)
     parser.add_argument("--features-only", action="store_true")
@@ -49,6 +71,12 @@ def parse_args() -> argparse.Namespace:
         help="continue training from the projector and adapter in --output",
     )
     return parser.parse_args()
+
+
+def vqa_tokens_per_image() -> int:
+    from gemma_lab import vqa
+
+    return vqa.TOKENS_PER_IMAGE
 
 
 def cached_features(
@@ -117,7 +145,9 @@ def build_model(args):
         lora.apply_lora(
             language_model, rank=args.lora_rank, targets=LORA_TARGETS
         )
-    model = vqa.new_vqa_model(language_model, seed=args.seed)
+    model = vqa.new_vqa_model(
+        language_model, tokens_per_image=args.tokens_per_image, seed=args.seed
+    )
     if reload:
         model.projector = vqa.load_projector(args.output)[0]
     return model, tokenizer
@@ -126,17 +156,29 @@ def build_model(args):
 def train_and_save(model, tokenizer, train, features, rows, args) -> None:
     from gemma_lab import lora, vqa
 
+    captions = data_vqa.image_captions(train)
+    if not args.no_balance:
+        train = data_vqa.balance_presence(train)
+        rows = data_vqa.unique_images(train)[1]
     batch = vqa.make_batch(
         tokenizer,
         [example.question for example in train],
         [example.answer for example in train],
-        length=48,
+        tokens_per_image=args.tokens_per_image,
     )
+    if not (args.no_align or args.resume):
+        targets = vqa.caption_embeddings(
+            model.language_model, tokenizer, captions
+        )
+        cosine = vqa.align_projector(model.projector, features, targets)
+        print(f"aligned the projector to captions: mean cosine {cosine:.3f}")
     metadata = {
         "steps": str(args.steps),
         "batch_size": str(args.batch_size),
         "learning_rate": str(args.learning_rate),
         "lora_rank": str(args.lora_rank),
+        "aligned": str(not (args.no_align or args.resume)),
+        "balanced": str(not args.no_balance),
         "train_images": str(args.train_images),
         "seed": str(args.seed),
         "resumed": str(args.resume),

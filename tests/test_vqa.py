@@ -5,6 +5,8 @@ trained projector and adapters from gemma_lab/assets, the Gemma 3 270M) on a
 seeded sample of easy-vqa test questions.
 """
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -69,6 +71,79 @@ def test_unique_images_index_every_example():
         assert paths[row] == example.image_path
 
 
+def test_captions_name_the_colour_and_shape_the_answers_reveal():
+    examples = data_vqa.load_split("train")
+    paths, rows = data_vqa.unique_images(examples)
+    captions = data_vqa.image_captions(examples)
+
+    assert len(captions) == len(paths) == 4000
+    for example, row in zip(examples, rows, strict=True):
+        if example.answer not in ("yes", "no"):
+            assert example.answer in captions[row].split()
+    two_words = [caption for caption in captions if " " in caption]
+    assert len(two_words) > 3000
+    colour, shape = two_words[0].split()
+    assert colour in data_vqa.COLOURS and shape in data_vqa.SHAPES
+
+
+def test_balancing_repeats_yes_no_questions_about_present_things():
+    examples = data_vqa.load_split("train")
+    balanced = data_vqa.balance_presence(examples)
+
+    def counts(rows):
+        yes_no = [e for e in rows if e.answer in ("yes", "no")]
+        present = sum(map(data_vqa.names_present, yes_no))
+        return present, len(yes_no) - present
+
+    present, absent = counts(examples)
+    assert present < absent / 3  # the shortcut: "absent" is the safe guess
+    present, absent = counts(balanced)
+    assert 0.75 < present / absent <= 1.0
+    assert balanced[: len(examples)] == examples
+    assert (
+        data_vqa.unique_images(balanced)[0]
+        == (data_vqa.unique_images(examples)[0])
+    )
+
+
+def test_presence_reads_the_answer_and_the_negation():
+    def example(question, answer):
+        return data_vqa.VQAExample(question, answer, 0, pathlib.Path("0.png"))
+
+    assert data_vqa.names_present(example("is there a red shape?", "yes"))
+    assert data_vqa.names_present(example("is there not a circle?", "no"))
+    assert not data_vqa.names_present(example("is there a circle?", "no"))
+    assert not data_vqa.names_present(
+        example("does the image not contain a blue shape?", "yes")
+    )
+    assert not data_vqa.names_present(
+        example("what shape is in the image?", "circle")
+    )
+
+
+def test_alignment_fits_soft_tokens_to_their_targets():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(40, 1, 8)).astype(np.float32)
+    features = np.repeat(vectors, 16, axis=1)  # every patch the same
+    projector = MultimodalProjector(8, 6, tokens_out=4, rngs=nnx.Rngs(0))
+    # Targets that a linear map of the normalised features reaches exactly.
+    normed = (
+        vectors[:, 0] / np.sqrt(np.mean(vectors[:, 0] ** 2, axis=-1))[:, None]
+    )
+    targets = normed @ rng.normal(size=(8, 6)).astype(np.float32)
+    targets[3] = 0.0  # an image without a caption is left out
+    cosine = vqa.align_projector(projector, features, targets, ridge=1e-6)
+
+    assert cosine > 0.999
+    soft = projector(jnp.asarray(features[:1]))
+    np.testing.assert_allclose(soft[0, 2], targets[0], rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="2 targets"):
+        vqa.align_projector(projector, features, targets[:2])
+
+
 def test_batch_expands_the_image_and_targets_the_answer(real_model):
     _, tokenizer = real_model
     batch = vqa.make_batch(
@@ -83,8 +158,9 @@ def test_batch_expands_the_image_and_targets_the_answer(real_model):
         assert int(batch.soft_mask[row].sum()) == vqa.TOKENS_PER_IMAGE
         assert list(tokens).count(255999) == list(tokens).count(256000) == 1
         start = int(np.argmax(tokens == 255999))
-        assert tokens[start - 1] == tokens[start + 18] == 108  # "\n\n"
-        assert batch.soft_mask[row, start + 1 : start + 17].all()
+        count = vqa.TOKENS_PER_IMAGE
+        assert tokens[start - 1] == tokens[start + count + 2] == 108  # "\n\n"
+        assert batch.soft_mask[row, start + 1 : start + count + 1].all()
         end = batch.ends[row]
         assert list(batch.answer_positions[row]) == [end, end + 1, 0]
         assert tokens[end + 1] == tokenizer.encode(answer, add_bos=False)[0]
