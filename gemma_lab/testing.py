@@ -44,3 +44,21 @@ def tiny_model(seed: int = 0, **kwargs) -> Transformer:
                 rngs.params(), param[...].shape, param[...].dtype
             )
     return model
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for the tiny model: one id per character.
+
+    A character c becomes 3 + (code point of c mod 400), inside
+    `TINY_CONFIG.vocab_size`; BOS is 2, EOS 1 and `<end_of_turn>` 106, as in
+    Gemma 3. Only for tests that exercise code around a tokenizer.
+    """
+
+    bos_id, eos_id, end_of_turn_id = 2, 1, 106
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = [3 + (ord(c) % 400) for c in text]
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids) -> str:
+        return "".join(chr(i - 3) for i in ids)

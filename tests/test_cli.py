@@ -11,25 +11,12 @@ import pytest
 from gemma_lab import cli, testing
 
 
-class _CharTokenizer:
-    """One id per character (3 + code point mod 400), BOS 2."""
-
-    bos_id, eos_id, end_of_turn_id = 2, 1, 106
-
-    def encode(self, text, add_bos=True):
-        ids = [3 + (ord(c) % 400) for c in text]
-        return [self.bos_id, *ids] if add_bos else ids
-
-    def decode(self, ids):
-        return "".join(chr(i - 3) for i in ids)
-
-
 @pytest.fixture()
 def tiny_load(monkeypatch):
     """Makes the command load the tiny model (context 256)."""
     model = testing.tiny_model()
     monkeypatch.setattr(
-        cli, "load", lambda path, **kwargs: (model, _CharTokenizer())
+        cli, "load", lambda path, **kwargs: (model, testing.CharTokenizer())
     )
 
 

@@ -9,19 +9,6 @@ import pytest
 from gemma_lab import data, testing, training
 
 
-class _CharTokenizer:
-    """A stand-in tokenizer: one id per character, fixed special ids."""
-
-    bos_id, eos_id, end_of_turn_id = 2, 1, 106
-
-    def encode(self, text, add_bos=True):
-        ids = [3 + (ord(c) % 400) for c in text]
-        return [self.bos_id, *ids] if add_bos else ids
-
-    def decode(self, ids):
-        return "".join(chr(i - 3) for i in ids)
-
-
 def test_bbc_news_topics_cover_five_topics_without_overlap():
     train, held_out = data.bbc_news_topics(num_held_out=50, seed=0)
     # 2,225 files, of which 2,107 distinct title + lead prompts.
@@ -83,8 +70,8 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
 
 def test_encode_keeps_the_response_and_the_turn_markers():
     example = data.Example("p" * 100 + "<end>", "yes<end_of_turn>")
-    [(ids, prompt_len)] = data.encode(_CharTokenizer(), [example], seq_len=40)
-    tokenizer = _CharTokenizer()
+    tokenizer = testing.CharTokenizer()
+    [(ids, prompt_len)] = data.encode(tokenizer, [example], seq_len=40)
     assert len(ids) == 40
     assert tokenizer.decode(ids[prompt_len:]) == "yes<end_of_turn>"
     assert tokenizer.decode(ids[prompt_len - 5 : prompt_len]) == "<end>"
@@ -96,14 +83,14 @@ def test_exact_match_scores_greedy_answers(monkeypatch):
         data.Example("q2", "b<end_of_turn>"),
     ]
     monkeypatch.setattr(data, "greedy_answers", lambda *a, **k: ["a", "c"])
-    result = data.exact_match(None, _CharTokenizer(), examples)
+    result = data.exact_match(None, testing.CharTokenizer(), examples)
     assert result.accuracy == 0.5
     assert result.references == ["a", "b"]
 
 
 def test_greedy_answers_match_the_cache_free_reference():
     model = testing.tiny_model()
-    tokenizer = _CharTokenizer()
+    tokenizer = testing.CharTokenizer()
     prompts = ["ab", "hello there"]
     answers = data.greedy_answers(
         model,
@@ -130,7 +117,7 @@ def _naive_greedy(model, prompt, steps):
 
 def test_encoded_examples_make_batches_with_response_masks():
     train, _ = data.bbc_news_topics(num_held_out=10)
-    encoded = data.encode(_CharTokenizer(), train[:3], seq_len=256)
+    encoded = data.encode(testing.CharTokenizer(), train[:3], seq_len=256)
     batch = training.make_batch(encoded, seq_len=256)
     for row, (ids, prompt_len) in enumerate(encoded):
         masked = batch.labels[row][batch.loss_mask[row]]
