@@ -87,6 +87,35 @@ def make_batch(
     return Batch(tokens, positions, labels, mask)
 
 
+def check_sequences(
+    sequences: list[tuple[list[int], int]],
+    vocab_size: int,
+    *,
+    name: str = "sequences",
+) -> None:
+    """Raises ValueError if an encoded sequence holds an id outside the vocab.
+
+    Run before training: an id past the embedding table would otherwise be
+    clamped or read as garbage inside the compiled step and show up only as
+    a NaN loss.
+
+    Args:
+        sequences: (ids, prompt length) pairs, e.g. from `data.encode`.
+        vocab_size: V of the model that will be trained.
+        name: how the error message calls `sequences`.
+
+    Raises:
+        ValueError: naming the first bad sequence, its bad id and the range.
+    """
+    for index, (ids, _) in enumerate(sequences):
+        for token in ids:
+            if not 0 <= token < vocab_size:
+                raise ValueError(
+                    f"{name}[{index}] holds token id {token}, outside the "
+                    f"model's vocabulary [0, {vocab_size})"
+                )
+
+
 def loss_positions(
     loss_mask: Bool[Array, "B T"], max_targets: int
 ) -> tuple[Int[Array, "B P"], Float[Array, "B P"]]:
@@ -473,10 +502,18 @@ def train(
     Returns:
         The `History` of the steps run by this call.
 
+    Raises:
+        ValueError: `sequences` is empty, or a sequence holds an id outside
+            the model's vocabulary (checked before anything is compiled).
+
     >>> history = train(model, encoded, TrainConfig(steps=10))  # doctest: +SKIP
     """
     if not sequences:
         raise ValueError("sequences must not be empty")
+    vocab_size = model.config.vocab_size
+    check_sequences(sequences, vocab_size)
+    if eval_sequences:
+        check_sequences(eval_sequences, vocab_size, name="eval_sequences")
     trainer = Trainer(model, config, mesh=mesh)
     found = checkpoints(checkpoint_dir) if checkpoint_dir else []
     if resume and found:

@@ -192,3 +192,18 @@ def test_bad_settings_are_rejected():
         training.TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="no adapters"):
         training.Trainer(testing.tiny_model(), CONFIG)
+
+
+def test_out_of_vocabulary_ids_are_rejected_before_training():
+    config = training.TrainConfig(
+        steps=2, warmup_steps=0, batch_size=2, seq_len=32, eval_every=0
+    )
+    bad = [([2, 5, 6, 7], 2), (list(range(500, 530)), 20)]
+    with pytest.raises(
+        ValueError, match=r"sequences\[1\] holds token id 512, .*\[0, 512\)"
+    ):
+        training.train(_adapted(), bad, config, progress=False)
+    with pytest.raises(ValueError, match=r"eval_sequences\[0\] .* -1"):
+        training.train(
+            _adapted(), bad[:1], config, eval_sequences=[([2, -1, 3], 1)]
+        )
