@@ -91,29 +91,39 @@ def check_sequences(
     sequences: list[tuple[list[int], int]],
     vocab_size: int,
     *,
+    max_targets: int | None = None,
     name: str = "sequences",
 ) -> None:
-    """Raises ValueError if an encoded sequence holds an id outside the vocab.
+    """Raises ValueError if encoded sequences cannot be trained on as given.
 
     Run before training: an id past the embedding table would otherwise be
     clamped or read as garbage inside the compiled step and show up only as
-    a NaN loss.
+    a NaN loss, and response ids past `max_targets` would silently drop out
+    of the loss.
 
     Args:
         sequences: (ids, prompt length) pairs, e.g. from `data.encode`.
         vocab_size: V of the model that will be trained.
+        max_targets: P, the loss positions per row; None skips the check.
         name: how the error message calls `sequences`.
 
     Raises:
-        ValueError: naming the first bad sequence, its bad id and the range.
+        ValueError: naming the first bad sequence and what is wrong with it.
     """
-    for index, (ids, _) in enumerate(sequences):
+    for index, (ids, prompt_len) in enumerate(sequences):
         for token in ids:
             if not 0 <= token < vocab_size:
                 raise ValueError(
                     f"{name}[{index}] holds token id {token}, outside the "
                     f"model's vocabulary [0, {vocab_size})"
                 )
+        response_len = len(ids) - prompt_len
+        if max_targets is not None and response_len > max_targets:
+            raise ValueError(
+                f"{name}[{index}] has a response of {response_len} ids, more "
+                f"than TrainConfig.max_targets={max_targets}; raise "
+                f"max_targets to at least the longest response"
+            )
 
 
 def loss_positions(
@@ -169,7 +179,8 @@ class TrainConfig:
         batch_size: sequences per micro-batch (B).
         grad_accum: micro-batches per update (A); an update sees A * B rows.
         seq_len: T, ids per sequence (padded).
-        max_targets: P, loss positions per row (longest response + 1).
+        max_targets: P, loss positions per row: at least the longest
+            response, in ids (`train` rejects longer ones).
         learning_rate: peak AdamW learning rate.
         warmup_steps: linear warmup from 0 to the peak.
         end_lr_fraction: cosine decay ends at this fraction of the peak.
@@ -503,17 +514,21 @@ def train(
         The `History` of the steps run by this call.
 
     Raises:
-        ValueError: `sequences` is empty, or a sequence holds an id outside
-            the model's vocabulary (checked before anything is compiled).
+        ValueError: `sequences` is empty, a sequence holds an id outside
+            the model's vocabulary, or its response is longer than
+            `config.max_targets` (checked before anything is compiled).
 
     >>> history = train(model, encoded, TrainConfig(steps=10))  # doctest: +SKIP
     """
     if not sequences:
         raise ValueError("sequences must not be empty")
     vocab_size = model.config.vocab_size
-    check_sequences(sequences, vocab_size)
+    limit = config.max_targets
+    check_sequences(sequences, vocab_size, max_targets=limit)
     if eval_sequences:
-        check_sequences(eval_sequences, vocab_size, name="eval_sequences")
+        check_sequences(
+            eval_sequences, vocab_size, max_targets=limit, name="eval_sequences"
+        )
     trainer = Trainer(model, config, mesh=mesh)
     found = checkpoints(checkpoint_dir) if checkpoint_dir else []
     if resume and found:

@@ -13,7 +13,7 @@ CONFIG = training.TrainConfig(
     batch_size=4,
     grad_accum=2,
     seq_len=24,
-    max_targets=8,
+    max_targets=16,
     learning_rate=1e-2,
     warmup_steps=1,
     eval_every=3,
@@ -207,3 +207,14 @@ def test_out_of_vocabulary_ids_are_rejected_before_training():
         training.train(
             _adapted(), bad[:1], config, eval_sequences=[([2, -1, 3], 1)]
         )
+
+
+def test_responses_longer_than_max_targets_are_rejected():
+    config = training.TrainConfig(
+        steps=2, warmup_steps=0, batch_size=2, seq_len=32, max_targets=4
+    )
+    sequences = [([2, 5, 6, 7], 2), ([2, 5, 6, 7, 8, 9, 10, 11], 2)]
+    with pytest.raises(
+        ValueError, match=r"sequences\[1\] has a response of 6 .*max_targets=4"
+    ):
+        training.train(_adapted(), sequences, config, progress=False)
