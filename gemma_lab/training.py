@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import numbers
 import os
 import pathlib
 import shutil
@@ -182,13 +184,22 @@ class TrainConfig:
         max_targets: P, loss positions per row: at least the longest
             response, in ids (`train` rejects longer ones).
         learning_rate: peak AdamW learning rate.
-        warmup_steps: linear warmup from 0 to the peak.
+        warmup_steps: linear warmup from 0 to the peak; None (the default)
+            means min(10, steps // 10), resolved when the config is made.
         end_lr_fraction: cosine decay ends at this fraction of the peak.
         weight_decay: AdamW decoupled weight decay on the adapters.
         eval_every: steps between evaluations (0: never).
         checkpoint_every: steps between checkpoints (0: never).
         keep_checkpoints: how many recent checkpoints stay on disk.
         seed: data order.
+
+    Raises:
+        TypeError: a count is not an int (bools are refused) or a rate is
+            not a number.
+        ValueError: a setting is out of range: counts must be positive
+            (`eval_every`, `checkpoint_every`, `seed` may be 0), the learning
+            rate finite and > 0, `end_lr_fraction` in [0, 1] and
+            `warmup_steps` in [0, steps).
     """
 
     steps: int = 120
@@ -197,7 +208,7 @@ class TrainConfig:
     seq_len: int = 64
     max_targets: int = 8
     learning_rate: float = 1e-3
-    warmup_steps: int = 10
+    warmup_steps: int | None = None
     end_lr_fraction: float = 0.1
     weight_decay: float = 0.01
     eval_every: int = 50
@@ -206,17 +217,75 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name in _COUNTS:
+            _check_int(name, getattr(self, name))
+        if self.warmup_steps is None:
+            warmup = min(10, self.steps // 10)
+            object.__setattr__(self, "warmup_steps", warmup)
+        _check_int("warmup_steps", self.warmup_steps)
+        for name in ("learning_rate", "end_lr_fraction", "weight_decay"):
+            _check_float(name, getattr(self, name))
+
         positive = ("steps", "batch_size", "grad_accum", "seq_len")
-        for name in (*positive, "max_targets"):
+        for name in (*positive, "max_targets", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(
                     f"TrainConfig.{name} must be > 0, got {getattr(self, name)}"
                 )
+        for name in ("eval_every", "checkpoint_every", "seed", "weight_decay"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(
+                    f"TrainConfig.{name} must be >= 0, got {value}"
+                )
+        if self.learning_rate <= 0:
+            raise ValueError(
+                "TrainConfig.learning_rate must be > 0, got "
+                f"{self.learning_rate}"
+            )
+        if not 0 <= self.end_lr_fraction <= 1:
+            raise ValueError(
+                "TrainConfig.end_lr_fraction must be in [0, 1], got "
+                f"{self.end_lr_fraction}"
+            )
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(
                 f"TrainConfig.warmup_steps must be in [0, steps={self.steps})"
                 f", got {self.warmup_steps}"
             )
+
+
+_COUNTS = (
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "seq_len",
+    "max_targets",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "seed",
+)
+
+
+def _check_int(name: str, value) -> None:
+    """Raises TypeError unless `value` is an integer (bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"TrainConfig.{name} must be an int, got {value!r} "
+            f"({type(value).__name__})"
+        )
+
+
+def _check_float(name: str, value) -> None:
+    """Raises TypeError/ValueError unless `value` is a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"TrainConfig.{name} must be a number, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if not math.isfinite(value):
+        raise ValueError(f"TrainConfig.{name} must be finite, got {value}")
 
 
 @functools.lru_cache(maxsize=16)

@@ -218,3 +218,36 @@ def test_responses_longer_than_max_targets_are_rejected():
         ValueError, match=r"sequences\[1\] has a response of 6 .*max_targets=4"
     ):
         training.train(_adapted(), sequences, config, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"learning_rate": -1.0}, ValueError, "learning_rate must be > 0"),
+        (
+            {"learning_rate": float("nan")},
+            ValueError,
+            "learning_rate must be finite",
+        ),
+        ({"learning_rate": "1e-3"}, TypeError, "learning_rate must be a"),
+        ({"steps": 2.5, "warmup_steps": 0}, TypeError, "steps must be an int"),
+        ({"batch_size": True}, TypeError, "batch_size must be an int"),
+        ({"eval_every": -1}, ValueError, "eval_every must be >= 0"),
+        ({"keep_checkpoints": 0}, ValueError, "keep_checkpoints must be > 0"),
+        ({"end_lr_fraction": 2.0}, ValueError, r"end_lr_fraction .*\[0, 1\]"),
+        ({"steps": 5, "warmup_steps": 5}, ValueError, "warmup_steps must be"),
+    ],
+)
+def test_config_types_and_ranges_are_checked(kwargs, error, match):
+    with pytest.raises(error, match=f"TrainConfig.{match}"):
+        training.TrainConfig(**kwargs)
+
+
+def test_default_warmup_adapts_to_short_runs():
+    assert training.TrainConfig(steps=5).warmup_steps == 0
+    assert training.TrainConfig(steps=50).warmup_steps == 5
+    assert training.TrainConfig().warmup_steps == 10
+    assert training.TrainConfig(steps=8, warmup_steps=2).warmup_steps == 2
+    assert training.TrainConfig(steps=5) == training.TrainConfig(
+        steps=5, warmup_steps=0
+    )
