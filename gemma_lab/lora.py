@@ -302,17 +302,24 @@ def read_adapter(path: os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        AdapterMismatchError: the file is not a gemma_lab adapter, or its
-            metadata lacks a key or holds a value that does not parse.
+        AdapterMismatchError: the file is not a readable safetensors file
+            or not a gemma_lab adapter, or its metadata lacks a key or holds
+            a value that does not parse.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="numpy") as f:
-        raw = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterMismatchError(
+            f"{str(path)!r} is not a readable safetensors adapter file "
+            f"(corrupt, truncated or empty?): {error}"
+        ) from error
     if raw.get("format") != FORMAT:
         raise AdapterMismatchError(
             f"{str(path)!r} is not a gemma_lab adapter file: format is "

@@ -153,3 +153,22 @@ def test_adapter_with_incomplete_metadata_is_a_clear_error(tmp_path):
     message = str(caught.value)
     assert str(path) in message
     assert "'alpha', 'targets', 'base'" in message
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not a safetensors file at all!!!", None],
+    ids=["empty", "garbage", "truncated"],
+)
+def test_unreadable_adapter_file_names_the_path(tmp_path, content):
+    path = tmp_path / "broken.safetensors"
+    if content is None:
+        good = lora.save_adapter(
+            lora.apply_lora(testing.tiny_model(), rank=2), tmp_path / "a.st"
+        )
+        content = good.read_bytes()[: good.stat().st_size // 2]
+    path.write_bytes(content)
+    with pytest.raises(
+        lora.AdapterMismatchError, match="broken.safetensors.*not a readable"
+    ):
+        lora.load_adapter(testing.tiny_model(), path)
