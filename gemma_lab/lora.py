@@ -378,9 +378,14 @@ def load_adapter(model: Transformer, path: os.PathLike) -> Transformer:
     Raises:
         FileNotFoundError: `path` does not exist.
         AdapterMismatchError: other base model, settings, names or shapes.
+            Everything is checked first, so a failed load leaves `model`
+            exactly as it was.
     """
     meta, tensors = read_adapter(path)
     _check_fit(model, meta, tensors, path)
+    _check_tensors(_expected_shapes(model, meta, path), tensors, path)
+
+    # Everything fits: only now is the model changed.
     if not adapters(model):
         apply_lora(
             model,
@@ -388,30 +393,69 @@ def load_adapter(model: Transformer, path: os.PathLike) -> Transformer:
             alpha=meta["alpha"],
             targets=meta["targets"],
         )
+    _assign(adapters(model), tensors)
+    return model
+
+
+def _expected_shapes(model, meta, path) -> dict[str, tuple[int, ...]]:
+    """Adapter tensor names and shapes that `meta` would give `model`.
+
+    Existing adapters give their own; otherwise the projections that
+    `apply_lora` would wrap are found without wrapping them.
+    """
     found = adapters(model)
-    expected = {f"{p}.{n}" for p in found for n in ("lora_a", "lora_b")}
-    missing, extra = expected - set(tensors), set(tensors) - expected
+    if found:
+        return {
+            f"{name}.{part}": tuple(getattr(module, part)[...].shape)
+            for name, module in found.items()
+            for part in ("lora_a", "lora_b")
+        }
+    rank = meta["rank"]
+    try:
+        targets = _check_targets(meta["targets"])
+    except (TypeError, ValueError) as error:
+        raise AdapterMismatchError(f"adapter {str(path)!r}: {error}") from error
+    if rank <= 0:
+        raise AdapterMismatchError(
+            f"adapter {str(path)!r} has rank {rank}, expected a positive int"
+        )
+    shapes = {}
+    for module_path, module in nnx.iter_modules(model):
+        for target in targets:
+            linear = getattr(module, target, None)
+            if not isinstance(linear, Linear):
+                continue
+            name = ".".join(str(p) for p in (*module_path, target))
+            in_features, out_features = linear.kernel[...].shape
+            shapes[f"{name}.lora_a"] = (in_features, rank)
+            shapes[f"{name}.lora_b"] = (rank, out_features)
+    return shapes
+
+
+def _check_tensors(expected, tensors, path) -> None:
+    """Raises AdapterMismatchError unless names and shapes match exactly."""
+    missing = set(expected) - set(tensors)
+    extra = set(tensors) - set(expected)
     if missing or extra:
         raise AdapterMismatchError(
             f"adapter {str(path)!r} does not fit: missing "
             f"{sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
         )
-    _assign(found, tensors, path)
-    return model
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise AdapterMismatchError(
+                f"adapter {str(path)!r}: {name} has shape "
+                f"{tensors[name].shape}, the model expects {shape}"
+            )
 
 
-def _assign(found: dict[str, LoRALinear], tensors, path) -> None:
+def _assign(found: dict[str, LoRALinear], tensors) -> None:
     for name, module in found.items():
         was_merged = module.merged
         module.unmerge()
         for part in ("lora_a", "lora_b"):
             param = getattr(module, part)
             value = tensors[f"{name}.{part}"]
-            if value.shape != param[...].shape:
-                raise AdapterMismatchError(
-                    f"adapter {str(path)!r}: {name}.{part} has shape "
-                    f"{value.shape}, the model expects {param[...].shape}"
-                )
             param[...] = jnp.asarray(value, param[...].dtype)
         if was_merged:
             module.merge()

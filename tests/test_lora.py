@@ -172,3 +172,38 @@ def test_unreadable_adapter_file_names_the_path(tmp_path, content):
         lora.AdapterMismatchError, match="broken.safetensors.*not a readable"
     ):
         lora.load_adapter(testing.tiny_model(), path)
+
+
+def _state_arrays(model):
+    state = nnx.state(model)
+    return jax.tree.structure(state), [
+        np.asarray(x) for x in jax.tree.leaves(state)
+    ]
+
+
+@pytest.mark.parametrize("with_adapters", [False, True])
+def test_failed_load_leaves_the_model_unchanged(tmp_path, with_adapters):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    source = lora.apply_lora(testing.tiny_model(), rank=4)
+    _randomise_adapters(source)
+    good = lora.save_adapter(source, tmp_path / "good.safetensors")
+    with safe_open(str(good), framework="numpy") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    last = sorted(tensors)[-1]  # a late tensor, after others would load
+    tensors[last] = tensors[last][..., :-1]
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+
+    model = testing.tiny_model()
+    if with_adapters:
+        lora.merge(lora.apply_lora(model, rank=4))
+    structure, leaves = _state_arrays(model)
+    with pytest.raises(lora.AdapterMismatchError, match=f"{last} has shape"):
+        lora.load_adapter(model, bad)
+    after_structure, after_leaves = _state_arrays(model)
+    assert after_structure == structure
+    for old, new in zip(leaves, after_leaves, strict=True):
+        np.testing.assert_array_equal(old, new)
