@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from gemma_lab.checkpoints import cache
 from gemma_lab.layers import Linear
 from gemma_lab.model import Transformer
 
@@ -238,7 +239,8 @@ def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
     """Writes `data` to `path` through a temporary file and a rename.
 
     A reader sees either the old file or the complete new one, never a
-    partial write, even when the process dies midway.
+    partial write, even when the process dies midway. The file gets the
+    usual umask-respecting mode (e.g. 0o644), not mkstemp's 0o600.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,6 +250,7 @@ def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        cache.chmod_as_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)

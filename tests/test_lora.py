@@ -1,5 +1,8 @@
 """LoRA adapters: identity at start, merge, save and load."""
 
+import os
+import stat
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,3 +210,25 @@ def test_failed_load_leaves_the_model_unchanged(tmp_path, with_adapters):
     assert after_structure == structure
     for old, new in zip(leaves, after_leaves, strict=True):
         np.testing.assert_array_equal(old, new)
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    from gemma_lab.checkpoints import cache
+
+    old = os.umask(0o022)
+    try:
+        adapter = lora.save_adapter(
+            lora.apply_lora(testing.tiny_model(), rank=2), tmp_path / "a.st"
+        )
+        cache.atomic_write_bytes(b"x", tmp_path / "b.bin")
+        cache.atomic_save({"w": np.zeros(2)}, tmp_path / "c.safetensors")
+        os.umask(0o077)
+        lora.atomic_write_bytes(tmp_path / "d.bin", b"x")
+    finally:
+        os.umask(old)
+    modes = [
+        stat.S_IMODE(p.stat().st_mode)
+        for p in (adapter, tmp_path / "b.bin", tmp_path / "c.safetensors")
+    ]
+    assert modes == [0o644] * 3
+    assert stat.S_IMODE((tmp_path / "d.bin").stat().st_mode) == 0o600

@@ -40,6 +40,17 @@ def file_digest(path: os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def chmod_as_new_file(path: os.PathLike) -> None:
+    """Gives `path` the mode a plain `open` would: 0o666 less the umask.
+
+    `tempfile.mkstemp` creates files readable by their owner only (0o600);
+    an atomic write calls this before renaming the file into place.
+    """
+    umask = os.umask(0o022)  # reading the umask means setting it
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_bytes(data: bytes, path: os.PathLike) -> None:
     """Writes bytes through a temporary file and a rename."""
     path = pathlib.Path(path)
@@ -48,7 +59,7 @@ def atomic_write_bytes(data: bytes, path: os.PathLike) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
+        chmod_as_new_file(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -70,6 +81,7 @@ def atomic_save(
         safetensors.numpy.save_file(
             contiguous, tmp, metadata=dict(metadata or {})
         )
+        chmod_as_new_file(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
