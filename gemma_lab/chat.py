@@ -37,6 +37,11 @@ def _check_messages(messages: Sequence[Mapping[str, str]]) -> list[tuple]:
     """Validates messages; returns (gemma_role, content) turns."""
     turns, system = [], None
     for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TypeError(
+                f"messages[{i}] is {message!r}; expected a dict with 'role' "
+                "and 'content'"
+            )
         role, content = message.get("role"), message.get("content")
         if role != "system" and role not in _GEMMA_ROLE:
             raise ValueError(
@@ -91,9 +96,10 @@ def render(
         The rendered text.
 
     Raises:
+        TypeError: a message that is not a dict.
         ValueError: unknown role, empty content, roles that do not
             alternate, a misplaced system message, or a generation prompt
-            after an assistant message.
+            after an assistant message or after no message at all.
 
     >>> render([{"role": "system", "content": "Be brief."},
     ...         {"role": "user", "content": "Hi"}])
@@ -135,7 +141,7 @@ def encode_messages(
         The ids, a list of ints.
 
     Raises:
-        ValueError: as `render`.
+        TypeError, ValueError: as `render`.
     """
     turns = _turns(messages, add_generation_prompt)
 
@@ -154,7 +160,12 @@ def encode_messages(
 def _turns(messages, add_generation_prompt: bool) -> list[tuple]:
     """Checked (gemma_role, content) turns, ready for a generation prompt."""
     turns = _check_messages(messages)
-    if add_generation_prompt and turns and turns[-1][0] != "user":
+    if add_generation_prompt and not turns:
+        raise ValueError(
+            "add_generation_prompt needs the last message to be a user "
+            "message, got no user or assistant message"
+        )
+    if add_generation_prompt and turns[-1][0] != "user":
         raise ValueError(
             "add_generation_prompt needs the last message to be a user "
             f"message, got a {turns[-1][0]} turn"

@@ -67,6 +67,16 @@ def test_render_rejects_bad_conversations(messages, match):
         render(messages)
 
 
+def test_render_needs_a_user_message_and_dict_messages():
+    with pytest.raises(ValueError, match="got no user or assistant message"):
+        render([])
+    assert render([], add_generation_prompt=False) == "<bos>"
+    with pytest.raises(
+        TypeError, match=r"messages\[0\] is 'hello'; expected a"
+    ):
+        render(["hello"])
+
+
 @pytest.fixture(scope="module")
 def sampler(real_model):
     model, tokenizer = real_model
