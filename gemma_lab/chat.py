@@ -187,7 +187,13 @@ class ChatSession:
         max_len: the most tokens the conversation may hold (cache length).
         max_new_tokens: the default reply length limit.
         **sampling: default sampling settings of `Sampler.generate`
-            (temperature, top_k, top_p, seed).
+            (temperature, top_k, top_p, seed, stop_ids, stop_strings).
+
+    Raises:
+        ValueError: a sampler without a tokenizer, a blank system message,
+            max_len outside the model's context, or default settings that
+            `Sampler.check_options` rejects.
+        TypeError: a default setting `Sampler.check_options` does not take.
 
     >>> chat = ChatSession(Sampler(model, tokenizer))  # doctest: +SKIP
     >>> chat.send("Name a colour.")  # doctest: +SKIP
@@ -204,12 +210,23 @@ class ChatSession:
     ):
         if sampler.tokenizer is None:
             raise ValueError("ChatSession needs a Sampler with a tokenizer")
+        if system is not None and (
+            not isinstance(system, str) or not system.strip()
+        ):
+            raise ValueError(
+                f"system must be None or a non-blank str, got {system!r}"
+            )
         context = sampler.model.config.max_seq_len
-        if not 1 <= max_len <= context:
+        if (
+            not isinstance(max_len, int)
+            or isinstance(max_len, bool)
+            or not 1 <= max_len <= context
+        ):
             raise ValueError(
                 f"max_len must lie in [1, {context}] (the model's context), "
-                f"got {max_len}"
+                f"got {max_len!r}"
             )
+        sampler.check_options(max_new_tokens=max_new_tokens, **sampling)
         self.sampler, self.system, self.max_len = sampler, system, max_len
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.reset()
