@@ -72,7 +72,7 @@ _GGUF_SPECIAL_ID_KEYS = {
 _SPACE = "\u2581"
 
 
-def _check_utf8(text: str) -> None:
+def check_utf8(text: str) -> None:
     """Raises ValueError naming the first character UTF-8 cannot encode."""
     try:
         text.encode("utf-8")
@@ -291,7 +291,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        _check_utf8(text)
+        check_utf8(text)
         bos_id = self._special_ids["bos"]
         if not special:
             ids = list(self._plain().EncodeAsIds(text))
