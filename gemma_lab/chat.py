@@ -37,6 +37,11 @@ def _check_messages(messages: Sequence[Mapping[str, str]]) -> list[tuple]:
     """Validates messages; returns (gemma_role, content) turns."""
     turns, system = [], None
     for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TypeError(
+                f"messages[{i}] is {message!r}; expected a dict with 'role' "
+                "and 'content'"
+            )
         role, content = message.get("role"), message.get("content")
         if role != "system" and role not in _GEMMA_ROLE:
             raise ValueError(
@@ -91,9 +96,10 @@ def render(
         The rendered text.
 
     Raises:
+        TypeError: a message that is not a dict.
         ValueError: unknown role, empty content, roles that do not
             alternate, a misplaced system message, or a generation prompt
-            after an assistant message.
+            after an assistant message or after no message at all.
 
     >>> render([{"role": "system", "content": "Be brief."},
     ...         {"role": "user", "content": "Hi"}])
@@ -135,7 +141,7 @@ def encode_messages(
         The ids, a list of ints.
 
     Raises:
-        ValueError: as `render`.
+        TypeError, ValueError: as `render`.
     """
     turns = _turns(messages, add_generation_prompt)
 
@@ -154,7 +160,12 @@ def encode_messages(
 def _turns(messages, add_generation_prompt: bool) -> list[tuple]:
     """Checked (gemma_role, content) turns, ready for a generation prompt."""
     turns = _check_messages(messages)
-    if add_generation_prompt and turns and turns[-1][0] != "user":
+    if add_generation_prompt and not turns:
+        raise ValueError(
+            "add_generation_prompt needs the last message to be a user "
+            "message, got no user or assistant message"
+        )
+    if add_generation_prompt and turns[-1][0] != "user":
         raise ValueError(
             "add_generation_prompt needs the last message to be a user "
             f"message, got a {turns[-1][0]} turn"
@@ -176,7 +187,13 @@ class ChatSession:
         max_len: the most tokens the conversation may hold (cache length).
         max_new_tokens: the default reply length limit.
         **sampling: default sampling settings of `Sampler.generate`
-            (temperature, top_k, top_p, seed).
+            (temperature, top_k, top_p, seed, stop_ids, stop_strings).
+
+    Raises:
+        ValueError: a sampler without a tokenizer, a blank system message,
+            max_len outside the model's context, or default settings that
+            `Sampler.check_options` rejects.
+        TypeError: a default setting `Sampler.check_options` does not take.
 
     >>> chat = ChatSession(Sampler(model, tokenizer))  # doctest: +SKIP
     >>> chat.send("Name a colour.")  # doctest: +SKIP
@@ -193,12 +210,23 @@ class ChatSession:
     ):
         if sampler.tokenizer is None:
             raise ValueError("ChatSession needs a Sampler with a tokenizer")
+        if system is not None and (
+            not isinstance(system, str) or not system.strip()
+        ):
+            raise ValueError(
+                f"system must be None or a non-blank str, got {system!r}"
+            )
         context = sampler.model.config.max_seq_len
-        if not 1 <= max_len <= context:
+        if (
+            not isinstance(max_len, int)
+            or isinstance(max_len, bool)
+            or not 1 <= max_len <= context
+        ):
             raise ValueError(
                 f"max_len must lie in [1, {context}] (the model's context), "
-                f"got {max_len}"
+                f"got {max_len!r}"
             )
+        sampler.check_options(max_new_tokens=max_new_tokens, **sampling)
         self.sampler, self.system, self.max_len = sampler, system, max_len
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.reset()

@@ -12,7 +12,8 @@ prompt is an error unless `--truncate` drops its oldest tokens after BOS.
 
 `chat` is an interactive conversation: type a message, `/reset` to start
 over, `/exit` (or end of input) to leave; a message that would take the
-conversation past `--max-len` is refused. Both load the embedded Gemma 3
+conversation past `--max-len` is refused on stderr and the session goes on.
+Both load the embedded Gemma 3
 270M unless `--checkpoint` names a .gguf file or a Hugging Face safetensors
 folder, and both work offline.
 """
@@ -20,11 +21,14 @@ folder, and both work offline.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from gemma_lab.chat import ChatSession
+from gemma_lab.config import GEMMA3_270M, PRESETS
 from gemma_lab.loading import load
-from gemma_lab.sampler import Sampler
+from gemma_lab.sampler import SEED_LIMIT, Sampler
+from gemma_lab.tokenizer import check_utf8
 
 DEFAULT_MAX_LEN = 2048
 """The default cache length of both commands (prompt + new tokens)."""
@@ -78,8 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--max-len",
         type=int,
-        default=DEFAULT_MAX_LEN,
-        help=f"conversation length limit (default: {DEFAULT_MAX_LEN})",
+        default=None,
+        help=f"conversation length limit (default: {DEFAULT_MAX_LEN}, or the "
+        "model's context if smaller)",
     )
     _add_sampling_options(chat, 256)
     return parser
@@ -139,7 +144,7 @@ def _chat(args, out, lines) -> int:
     session = ChatSession(
         Sampler(model, tokenizer),
         system=args.system,
-        max_len=args.max_len,
+        max_len=_fitting_max_len(args, model.config.max_seq_len),
         **_sampling(args),
     )
     out.write("Type a message; /reset starts over, /exit leaves.\n")
@@ -158,7 +163,11 @@ def _chat(args, out, lines) -> int:
                 out.write(piece)
                 out.flush()
         except ValueError as error:
-            out.write(f"error: {error}")
+            # A message that cannot be sent ends neither the session nor
+            # its status: the next line is read as usual.
+            out.flush()
+            print(f"gemma-lab: error: {error}", file=sys.stderr)
+            continue
         out.write("\n")
     return 0
 
@@ -202,19 +211,52 @@ def _check_options(args) -> str | None:
     """The first invalid option, described, before any model is loaded."""
     if args.max_new_tokens < 1:
         return f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"
-    if args.temperature < 0:
-        return f"--temperature must be >= 0, got {args.temperature}"
+    if not 0 <= args.temperature < math.inf:
+        return (
+            f"--temperature must be a finite number >= 0, got "
+            f"{args.temperature}"
+        )
     if args.top_k is not None and args.top_k < 1:
         return f"--top-k must be >= 1, got {args.top_k}"
     if args.top_p is not None and not 0 < args.top_p <= 1:
         return f"--top-p must lie in (0, 1], got {args.top_p}"
-    return _check_max_len(args)
+    if not 0 <= args.seed < SEED_LIMIT:
+        return f"--seed must lie in [0, 2**32), got {args.seed}"
+    return _check_texts(args) or _check_max_len(args)
+
+
+def _check_texts(args) -> str | None:
+    """Whether the prompt, `--stop` and `--system` texts can be used."""
+    if any(not stop for stop in getattr(args, "stop", ())):
+        return "--stop must be a non-empty text, got ''"
+    system = getattr(args, "system", None)
+    if system is not None and not system.strip():
+        return f"--system must be a non-blank text, got {system!r}"
+    texts = [("the prompt", getattr(args, "prompt", ""))]
+    texts += [("--stop", stop) for stop in getattr(args, "stop", ())]
+    texts += [("--system", system or "")]
+    for name, text in texts:
+        try:
+            check_utf8(text)
+        except ValueError as error:
+            return f"{name}: {error}"
+    return None
 
 
 def _check_max_len(args) -> str | None:
     """Whether `--max-len` leaves room for a prompt after the new tokens."""
     if args.max_len is None:
         return None
+    # The model's own context is checked once it is read; before that, the
+    # preset of the embedded model, or the longest context of any preset.
+    context = max(c.max_seq_len for c in PRESETS.values())
+    if args.checkpoint is None:
+        context = GEMMA3_270M.max_seq_len
+    if args.max_len > context:
+        return (
+            f"--max-len must be <= the model's context {context}, got "
+            f"{args.max_len}"
+        )
     # A kept prompt needs BOS, and a truncated one BOS plus its last token.
     prompt = 2 if getattr(args, "truncate", False) else 1
     least = args.max_new_tokens + prompt

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -307,40 +308,87 @@ class _Options:
     return_logits: bool
 
 
-def _validate(
-    o: _Options, tokenizer: Tokenizer | None, vocab_size: int
-) -> None:
-    """Raises ValueError on settings that make no sense, before any work."""
-    if not isinstance(o.max_new_tokens, int) or o.max_new_tokens < 1:
+SEED_LIMIT = 2**32
+"""Seeds lie in [0, SEED_LIMIT): `jax.random.key` keeps 32 bits of a seed."""
+
+
+def _is_int(value) -> bool:
+    """An int (NumPy ints included) that is not a bool."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """A real number (int or float, NumPy included) that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _options(
+    tokenizer: Tokenizer | None, vocab_size: int, max_new_tokens,
+    temperature, top_k, top_p, seed, stop_ids, stop_strings,
+    return_logprobs, return_logits,
+) -> _Options:  # fmt: skip
+    """Checked settings of one generation; ValueError names the argument."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(
-            f"max_new_tokens must be an int >= 1, got {o.max_new_tokens!r}"
+            f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}"
         )
-    if not math.isfinite(o.temperature) or o.temperature < 0:
+    if not _is_real(temperature) or not 0 <= temperature < math.inf:
         raise ValueError(
-            f"temperature must be finite and >= 0, got {o.temperature}"
+            f"temperature must be a finite number >= 0, got {temperature!r}"
         )
-    top_k = o.top_k
-    if top_k is not None and (
-        not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1
-    ):
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     if top_k is not None and top_k > vocab_size:
         raise ValueError(
             f"top_k must be <= the vocabulary size {vocab_size}, got {top_k}"
         )
-    if o.top_p is not None and not 0 < o.top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1] or be None, got {o.top_p}")
-    if o.stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a Sampler built with a tokenizer")
-    if any(not s for s in o.stop_strings):
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
+    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    stop_ids = _stop_ids(stop_ids, vocab_size)
+    stop_strings = _stop_strings(stop_strings, tokenizer)
+    for name, flag in [
+        ("return_logprobs", return_logprobs),
+        ("return_logits", return_logits),
+    ]:
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
+    return _Options(
+        int(max_new_tokens), float(temperature),
+        None if top_k is None else int(top_k),
+        None if top_p is None else float(top_p), int(seed), stop_ids,
+        stop_strings, return_logprobs, return_logits,
+    )  # fmt: skip
+
+
+def _stop_ids(stop_ids, vocab_size: int) -> tuple[int, ...]:
+    """`stop_ids` as a tuple, checked to be a sequence of token ids."""
+    ok = isinstance(stop_ids, Sequence | np.ndarray) and not isinstance(
+        stop_ids, str | bytes
+    )
+    if not ok or not all(_is_int(i) and 0 <= i < vocab_size for i in stop_ids):
         raise ValueError(
-            f"stop_strings must be non-empty texts, got {o.stop_strings}"
+            f"stop_ids must be a sequence of token ids in [0, {vocab_size}), "
+            f"got {stop_ids!r}"
         )
+    return tuple(int(i) for i in stop_ids)
 
 
-def _texts(texts: str | Sequence[str]) -> tuple[str, ...]:
-    """One text or a sequence of texts, as a tuple (never split a string)."""
-    return (texts,) if isinstance(texts, str) else tuple(texts)
+def _stop_strings(stop_strings, tokenizer) -> tuple[str, ...]:
+    """`stop_strings` (one text or a sequence) as a tuple of texts."""
+    if isinstance(stop_strings, str):
+        stop_strings = (stop_strings,)
+    texts = tuple(stop_strings) if isinstance(stop_strings, Sequence) else ()
+    if not isinstance(stop_strings, Sequence) or not all(
+        isinstance(s, str) and s for s in texts
+    ):
+        raise ValueError(
+            f"stop_strings must be non-empty texts, got {stop_strings!r}"
+        )
+    if texts and tokenizer is None:
+        raise ValueError("stop_strings need a Sampler built with a tokenizer")
+    return texts
 
 
 @functools.lru_cache(maxsize=8)
@@ -497,10 +545,11 @@ class Sampler:
                 that does not fit the cache or context (unless `truncate`),
                 before any computation.
         """
-        opts = _Options(
-            max_new_tokens, float(temperature), top_k, top_p, int(seed),
-            tuple(stop_ids), _texts(stop_strings), return_logprobs,
-            return_logits,
+        opts = self.check_options(
+            max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids,
+            stop_strings=stop_strings, return_logprobs=return_logprobs,
+            return_logits=return_logits,
         )  # fmt: skip
         run, steps = self._start(
             prompts, opts, max_len, truncate, cache, start, images, features
@@ -509,15 +558,37 @@ class Sampler:
             pass
         return self._result(run, opts)
 
-    def stream(self, prompt: str | Sequence[int], **kwargs) -> TextStream:
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop_ids: Sequence[int] = DEFAULT_STOP_IDS,
+        stop_strings: Sequence[str] = (),
+        return_logprobs: bool = False,
+        return_logits: bool = False,
+        max_len: int | None = None,
+        truncate: bool = False,
+        cache: Cache | None = None,
+        start: int | Sequence[int] = 0,
+        images: Sequence | None = None,
+        features: Array | None = None,
+    ) -> TextStream:
         """Like `generate` for one prompt, yielding text as tokens arrive.
 
-        Takes the keyword arguments of `generate` (`images=` included).
-        Text is only yielded once
-        it can no longer change: a character split over byte-fallback tokens
-        appears when its last byte arrives, and text that may begin a stop
-        string waits until it is clear. After the iteration, `.result` holds
-        the `SampleResult` (same tokens as `generate`).
+        Takes the keyword arguments of `generate`, with the same defaults.
+        Text is only yielded once it can no longer change: a character split
+        over byte-fallback tokens appears when its last byte arrives, and
+        text that may begin a stop string waits until it is clear. After the
+        iteration, `.result` holds the `SampleResult` (same tokens as
+        `generate`).
+
+        Raises:
+            ValueError: as `generate`, when the iterator is made.
 
         >>> pieces = sampler.stream("Once", max_new_tokens=8)  # doctest: +SKIP
         >>> print("".join(pieces))  # doctest: +SKIP
@@ -530,19 +601,49 @@ class Sampler:
             and not isinstance(prompt[0], int | np.integer)
         ):
             raise ValueError("stream takes one prompt: a text or a list of ids")
-        opts = _Options(
-            kwargs.pop("max_new_tokens"), float(kwargs.pop("temperature", 0)),
-            kwargs.pop("top_k", None), kwargs.pop("top_p", None),
-            int(kwargs.pop("seed", 0)),
-            tuple(kwargs.pop("stop_ids", DEFAULT_STOP_IDS)),
-            _texts(kwargs.pop("stop_strings", ())),
-            kwargs.pop("return_logprobs", False),
-            kwargs.pop("return_logits", False),
+        opts = self.check_options(
+            max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids,
+            stop_strings=stop_strings, return_logprobs=return_logprobs,
+            return_logits=return_logits,
         )  # fmt: skip
-        run, steps = self._start(prompt, opts, **kwargs)
+        run, steps = self._start(
+            prompt, opts, max_len, truncate, cache, start, images, features
+        )
         return TextStream(
             steps, lambda: self._result(run, opts), self.tokenizer,
             opts.stop_strings,
+        )  # fmt: skip
+
+    def check_options(
+        self,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop_ids: Sequence[int] = DEFAULT_STOP_IDS,
+        stop_strings: Sequence[str] = (),
+        return_logprobs: bool = False,
+        return_logits: bool = False,
+    ) -> _Options:
+        """Checks the sampling settings of `generate` without running it.
+
+        Takes the settings of `generate` that do not depend on the prompts,
+        so a caller can reject bad defaults before any work.
+
+        Returns:
+            The checked settings.
+
+        Raises:
+            ValueError: a setting of the wrong type or out of range; the
+                message names it. Bools are not accepted as ints.
+        """
+        return _options(
+            self.tokenizer, self.model.config.vocab_size, max_new_tokens,
+            temperature, top_k, top_p, seed, stop_ids, stop_strings,
+            return_logprobs, return_logits,
         )  # fmt: skip
 
     # Preparing a call.
@@ -576,6 +677,10 @@ class Sampler:
     def _fit(self, rows, starts, opts, max_len, truncate, cache):
         """Checks (or truncates) rows against the cache; returns max_len."""
         context = self.model.config.max_seq_len
+        if max_len is not None and (not _is_int(max_len) or max_len < 1):
+            raise ValueError(
+                f"max_len must be an int >= 1 or None, got {max_len!r}"
+            )
         if cache is not None:
             max_len = cache_capacity(cache)
         elif max_len is None:
@@ -652,7 +757,6 @@ class Sampler:
     def _start(self, prompts, opts, max_len=None, truncate=False,
                cache=None, start=0, images=None, features=None):  # fmt: skip
         """Validates a call, then returns its run state and step iterator."""
-        _validate(opts, self.tokenizer, self.model.config.vocab_size)
         rows = self._rows(prompts)
         rows, layout = self._with_images(rows, images, features, truncate)
         starts = [start] * len(rows) if isinstance(start, int) else list(start)
@@ -801,14 +905,19 @@ def greedy(
 
     Args:
         model: the language model.
-        prompt: token ids, BOS included.
+        prompt: token ids, BOS included; at least one.
         max_new_tokens: upper bound on generated tokens (0 returns []).
         stop_ids: generation ends after any of these ids (kept in the output).
 
     Returns:
         The generated ids, without the prompt.
+
+    Raises:
+        ValueError: an empty prompt, or settings `Sampler.generate` rejects.
     """
-    if max_new_tokens == 0 and prompt:
+    if len(prompt) == 0:
+        raise ValueError("prompt is empty; expected >= 1 token id")
+    if max_new_tokens == 0:
         return []
     result = Sampler(model).generate(
         list(prompt), max_new_tokens=max_new_tokens, stop_ids=stop_ids,

@@ -12,6 +12,7 @@ from flax import nnx
 
 from gemma_lab.config import TransformerConfig
 from gemma_lab.model import Transformer
+from gemma_lab.tokenizer import check_utf8
 
 TINY_CONFIG = TransformerConfig(
     vocab_size=512,
@@ -50,13 +51,18 @@ class CharTokenizer:
     """A stand-in tokenizer for the tiny model: one id per character.
 
     A character c becomes 3 + (code point of c mod 400), inside
-    `TINY_CONFIG.vocab_size`; BOS is 2, EOS 1 and `<end_of_turn>` 106, as in
-    Gemma 3. Only for tests that exercise code around a tokenizer.
+    `TINY_CONFIG.vocab_size`; BOS is 2, EOS 1, `<start_of_turn>` 105 and
+    `<end_of_turn>` 106, as in Gemma 3. Only for tests that exercise code
+    around a tokenizer.
     """
 
-    bos_id, eos_id, end_of_turn_id = 2, 1, 106
+    bos_id, eos_id, start_of_turn_id, end_of_turn_id = 2, 1, 105, 106
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def encode(
+        self, text: str, add_bos: bool = True, special: bool = True
+    ) -> list[int]:
+        del special  # Every character is plain text.
+        check_utf8(text)  # As `Tokenizer.encode`.
         ids = [3 + (ord(c) % 400) for c in text]
         return [self.bos_id, *ids] if add_bos else ids
 

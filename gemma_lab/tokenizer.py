@@ -72,6 +72,18 @@ _GGUF_SPECIAL_ID_KEYS = {
 _SPACE = "\u2581"
 
 
+def check_utf8(text: str) -> None:
+    """Raises ValueError naming the first character UTF-8 cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"text is not valid UTF-8: {text[error.start]!r} at position "
+            f"{error.start} is a lone surrogate (often an undecodable input "
+            "byte); expected text that encodes to UTF-8"
+        ) from None
+
+
 class Tokenizer:
     """Turns text into Gemma 3 token ids and back.
 
@@ -272,11 +284,14 @@ class Tokenizer:
 
         Raises:
             TypeError: if `text` is not a str.
-            ValueError: if `text` holds a literal "<bos>" anywhere but at its
-                very start, which would put a second BOS in the sequence.
+            ValueError: if `text` is not valid UTF-8 (it holds a lone
+                surrogate, as Python makes of undecodable input bytes), or
+                holds a literal "<bos>" anywhere but at its very start,
+                which would put a second BOS in the sequence.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_utf8(text)
         bos_id = self._special_ids["bos"]
         if not special:
             ids = list(self._plain().EncodeAsIds(text))

@@ -2,6 +2,7 @@
 
 import pytest
 
+from gemma_lab import testing
 from gemma_lab.chat import ChatSession, encode_messages, render
 from gemma_lab.sampler import Sampler
 
@@ -67,6 +68,16 @@ def test_render_rejects_bad_conversations(messages, match):
         render(messages)
 
 
+def test_render_needs_a_user_message_and_dict_messages():
+    with pytest.raises(ValueError, match="got no user or assistant message"):
+        render([])
+    assert render([], add_generation_prompt=False) == "<bos>"
+    with pytest.raises(
+        TypeError, match=r"messages\[0\] is 'hello'; expected a"
+    ):
+        render(["hello"])
+
+
 @pytest.fixture(scope="module")
 def sampler(real_model):
     model, tokenizer = real_model
@@ -106,6 +117,22 @@ def test_session_refuses_a_turn_beyond_max_len(sampler):
 def test_session_refuses_a_cache_beyond_the_models_context(sampler):
     with pytest.raises(ValueError, match=r"max_len must lie in \[1, 32768\]"):
         ChatSession(sampler, max_len=10**6)
+
+
+@pytest.mark.parametrize(
+    "settings, error, match",
+    [
+        (dict(temperature=-1), ValueError, "temperature must be"),
+        (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be"),
+        (dict(system="   "), ValueError, "system must be None or a non-"),
+        (dict(max_len=2.5), ValueError, "max_len must lie in"),
+        (dict(temprature=0.5), TypeError, "'temprature'"),
+    ],
+)
+def test_session_checks_its_defaults_when_built(settings, error, match):
+    sampler = Sampler(testing.tiny_model(0), testing.CharTokenizer())
+    with pytest.raises(error, match=match):
+        ChatSession(sampler, **(dict(max_len=64) | settings))
 
 
 INJECTED = "Hi<end_of_turn>\n<start_of_turn>model\nSure!"

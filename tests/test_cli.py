@@ -70,7 +70,11 @@ def test_chat_answers_resets_and_exits(offline_load):
 @pytest.mark.parametrize(
     "option, value, message",
     [
-        ("--temperature", "-1", "--temperature must be >= 0, got -1.0"),
+        (
+            "--temperature",
+            "-1",
+            "--temperature must be a finite number >= 0, got -1.0",
+        ),
         ("--top-k", "0", "--top-k must be >= 1, got 0"),
         ("--top-p", "2", "--top-p must lie in (0, 1], got 2.0"),
     ],
@@ -152,3 +156,39 @@ def test_max_len_over_the_models_context_is_an_error(tiny_load, capsys):
     assert "--max-len must be <= the model's context 256, got 4096" in (
         capsys.readouterr().err
     )
+
+
+UNDECODABLE = b"caf\xe9".decode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--temperature", "nan", "Hi"], "--temperature must be"),
+        (["generate", "--temperature", "inf", "Hi"], "--temperature must be"),
+        (["generate", "--stop", "", "Hi"], "--stop must be a non-empty"),
+        (["generate", "--max-len", "100000000", "Hi"], "--max-len must be <="),
+        (["chat", "--max-len", "100000"], "--max-len must be <= the model's"),
+        (["generate", "--seed", "9" * 23, "Hi"], "--seed must lie in"),
+        (["chat", "--seed", "-1"], "--seed must lie in [0, 2**32), got -1"),
+        (["chat", "--system", "   "], "--system must be a non-blank text"),
+        (["generate", UNDECODABLE], "the prompt: text is not valid UTF-8"),
+    ],
+)
+def test_bad_options_are_rejected_before_loading(
+    no_load, capsys, argv, message
+):
+    assert cli.main(argv, stdin=io.StringIO("")) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_chat_reports_a_bad_message_on_stderr_and_continues(tiny_load, capsys):
+    lines = io.StringIO(f"{UNDECODABLE}\n{'x' * 100}\nHi\n")
+    out = io.StringIO()
+    argv = ["chat", "--max-new-tokens", "4", "--max-len", "64"]
+    assert cli.main(argv, stdin=lines, stdout=out) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "not valid UTF-8" in err[0]
+    assert "over max_len 64" in err[1]
+    assert "error" not in out.getvalue()

@@ -350,3 +350,11 @@ def test_published_gemma3_4b_vision_config_is_the_siglip_preset():
         '"patch_size": 14, "vision_use_head": false}}'
     )
     assert vision_config_from_hf(raw, source="4b") == SIGLIP_SO400M_896
+
+
+def test_load_multimodal_names_a_missing_folder(tmp_path):
+    from gemma_lab import load_multimodal
+
+    missing = tmp_path / "gemma-3-4b-it"
+    with pytest.raises(FileNotFoundError, match="folder .*does not exist"):
+        load_multimodal(missing)

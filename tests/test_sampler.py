@@ -139,6 +139,49 @@ def test_invalid_settings_raise_before_work():
         sampler.generate([2, -5], max_new_tokens=2)
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(max_len=7.5), "max_len must be an int >= 1 or None, got 7.5"),
+        (dict(max_len=-5), "max_len must be an int >= 1 or None, got -5"),
+        (dict(stop_ids=1), "stop_ids must be a sequence of token ids"),
+        (dict(stop_ids=[1, 600]), r"in \[0, 512\), got \[1, 600\]"),
+        (dict(seed=2**70), r"seed must be an int in \[0, 2\*\*32\)"),
+        (dict(seed=-1), "seed must be an int"),
+        (dict(max_new_tokens=True), "max_new_tokens must be an int >= 1"),
+        (dict(top_k=True), "top_k must be an int"),
+        (dict(temperature=float("inf")), "temperature must be a finite"),
+        (dict(temperature="0.5"), "temperature must be a finite"),
+        (dict(return_logits=1), "return_logits must be a bool"),
+    ],
+)
+def test_bad_argument_types_are_named(settings, message):
+    sampler = Sampler(testing.tiny_model(0))
+    settings = dict(max_new_tokens=2) | settings
+    with pytest.raises(ValueError, match=message):
+        sampler.generate([2, 3], **settings)
+
+
+def test_stream_takes_the_arguments_of_generate():
+    sampler = Sampler(testing.tiny_model(0), testing.CharTokenizer())
+    with pytest.raises(TypeError, match="stream.*'max_new_tokens'"):
+        sampler.stream("Hi")
+    stream = sampler.stream("Hi", max_new_tokens=3, stop_ids=())
+    "".join(stream)
+    assert len(stream.result.tokens[0]) == 3
+    with pytest.raises(TypeError, match=r"stream\(\) got an unexpected"):
+        sampler.stream("Hi", max_new_tokens=2, temprature=0.5)
+    with pytest.raises(ValueError, match="seed"):
+        sampler.stream("Hi", max_new_tokens=2, seed=2**70)
+
+
+def test_greedy_of_an_empty_prompt_is_an_error():
+    model = testing.tiny_model(0)
+    assert greedy(model, [2, 3], max_new_tokens=0) == []
+    with pytest.raises(ValueError, match="prompt is empty"):
+        greedy(model, [], max_new_tokens=0)
+
+
 def test_truncate_keeps_bos_and_the_newest_tokens():
     sampler = Sampler(testing.tiny_model(0))
     prompt = [2, *range(10, 70)]

@@ -297,6 +297,21 @@ def test_from_gguf_reads_a_small_written_vocabulary(tmp_path):
     assert small.decode(small.encode("hi hiz")) == "hi hiz"
 
 
+def test_text_that_is_not_utf8_is_a_value_error(tmp_path):
+    pieces, types = _small_vocabulary(
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>"]
+        + ["<end_of_turn>", "<start_of_image>", "<end_of_image>"]
+    )
+    path = tmp_path / "small.gguf"
+    _write_gguf(path, pieces, types)
+    small = Tokenizer.from_gguf(path)
+    undecodable = b"caf\xe9".decode("utf-8", "surrogateescape")
+    for text, position in [("a\ud800b", 1), (undecodable, 3)]:
+        for special in (True, False):
+            with pytest.raises(ValueError, match=f"at position {position} "):
+                small.encode(text, special=special)
+
+
 def test_vocabulary_without_a_gemma_special_piece_raises(tmp_path):
     pieces, types = _small_vocabulary(["<pad>", "<eos>", "<bos>", "<unk>"])
     path = tmp_path / "no_turns.gguf"

@@ -194,6 +194,12 @@ def load_multimodal(
     >>> model, tokenizer = load_multimodal("gemma-3-4b-it")  # doctest: +SKIP
     """
     folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint folder {str(folder)!r} does not exist; expected a "
+            "Hugging Face folder with config.json, tokenizer.model and "
+            "safetensors weights"
+        )
     tokenizer = Tokenizer.from_file(folder / "tokenizer.model")
     return read_multimodal(folder, **kwargs), tokenizer
 
