@@ -33,8 +33,18 @@ from gemma_lab.vision.layout import IMAGE_MARKER
 _GEMMA_ROLE = {"user": "user", "assistant": "model", "model": "model"}
 
 
-def _check_messages(messages: Sequence[Mapping[str, str]]) -> list[tuple]:
-    """Validates messages; returns (gemma_role, content) turns."""
+def check_messages(messages: Sequence[Mapping[str, str]]) -> list[tuple]:
+    """Validates chat messages; returns their (gemma_role, content) turns.
+
+    The rules of `render`: roles "system" (first only, folded into the
+    first user turn), "user", "assistant" or "model", alternating from a
+    user turn; non-empty string contents (a model reply may be empty).
+
+    Raises:
+        TypeError: a message is not a dict.
+        ValueError: a role or content breaks the rules; the message names
+            its index.
+    """
     turns, system = [], None
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
@@ -159,7 +169,7 @@ def encode_messages(
 
 def _turns(messages, add_generation_prompt: bool) -> list[tuple]:
     """Checked (gemma_role, content) turns, ready for a generation prompt."""
-    turns = _check_messages(messages)
+    turns = check_messages(messages)
     if add_generation_prompt and not turns:
         raise ValueError(
             "add_generation_prompt needs the last message to be a user "

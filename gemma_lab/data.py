@@ -36,6 +36,7 @@ import numpy as np
 import tqdm.auto as tqdm
 from flax import nnx
 
+from gemma_lab.chat import check_messages
 from gemma_lab.tokenizer import Tokenizer
 
 TOPICS = ("business", "entertainment", "politics", "sport", "tech")
@@ -153,13 +154,30 @@ def bbc_news_topics(
 def _example_from_record(record, where: str) -> Example:
     if isinstance(record, dict) and "prompt" in record:
         prompt, response = record["prompt"], record.get("response")
-        if not isinstance(response, str):
-            raise ValueError(f"{where}: 'response' must be a string")
+        for key, value in (("prompt", prompt), ("response", response)):
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"{where}: {key!r} is {value!r}; expected a string"
+                )
+        if not prompt.strip():
+            raise ValueError(f"{where}: 'prompt' is empty")
         return Example(chat_prompt([("user", prompt)]), response + END_OF_TURN)
     if isinstance(record, dict) and "messages" in record:
-        turns = [(m["role"], m["content"]) for m in record["messages"]]
-        if not turns or turns[-1][0] not in ("model", "assistant"):
-            raise ValueError(f"{where}: the last message must be the model's")
+        messages = record["messages"]
+        if not isinstance(messages, list):
+            raise ValueError(
+                f"{where}: 'messages' is {str(messages)[:60]!r}; expected a "
+                "list of {'role', 'content'} objects"
+            )
+        try:
+            turns = check_messages(messages)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        if len(turns) < 2 or turns[-1][0] != "model":
+            raise ValueError(
+                f"{where}: expected user turns answered by model turns, "
+                "ending with the model's message (the response to train on)"
+            )
         return Example(chat_prompt(turns[:-1]), turns[-1][1] + END_OF_TURN)
     raise ValueError(
         f"{where}: expected an object with 'prompt' and 'response' or with "
@@ -170,25 +188,42 @@ def _example_from_record(record, where: str) -> Example:
 def read_jsonl(path: os.PathLike) -> list[Example]:
     """Reads a user's JSONL file of prompt/response pairs or chat turns.
 
+    One JSON object a line: {"prompt": ..., "response": ...}, or
+    {"messages": [{"role": ..., "content": ...}, ...]} with the rules of
+    `chat.render` and the model's message last. Blank lines are skipped;
+    the file is UTF-8, with or without a byte-order mark.
+
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: a line is not JSON or has neither layout; the message
-            names the line.
+        IsADirectoryError: `path` is a folder.
+        ValueError: a line is not UTF-8, not JSON, or not a valid record;
+            the message names the file and the line.
     """
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"JSONL file {str(path)!r} is a directory; expected a file"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file {str(path)!r} does not exist")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not valid JSON: {e}") from e
-            examples.append(_example_from_record(record, where))
+    lines = path.read_bytes().removeprefix(b"\xef\xbb\xbf").splitlines()
+    for number, raw in enumerate(lines, start=1):
+        where = f"{path.name} line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{where} is not UTF-8 text (byte {e.start}: "
+                f"{raw[e.start : e.start + 1]!r})"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not valid JSON: {e}") from e
+        examples.append(_example_from_record(record, where))
     return examples
 
 

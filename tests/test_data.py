@@ -68,6 +68,56 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
         data.read_jsonl(path)
 
 
+def _turns(*pairs):
+    return {"messages": [{"role": r, "content": c} for r, c in pairs]}
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": 5, "response": "b"}, "'prompt' is 5; expected a string"),
+        ({"prompt": None, "response": "b"}, "'prompt' is None"),
+        ({"prompt": "  ", "response": "b"}, "'prompt' is empty"),
+        ({"messages": "hi"}, "'messages' is 'hi'; expected a list"),
+        ({"messages": ["hi", "yo"]}, r"messages\[0\] is 'hi'"),
+        ({"messages": [{"role": "user"}]}, r"messages\[0\] \(user\)"),
+        ({"messages": [{"content": "x"}]}, "has role None"),
+        (_turns(("user", "a"), ("user", "b")), "roles must alternate"),
+        (_turns(("model", "a")), "expected a user turn"),
+        (_turns(("user", 5), ("model", "b")), "has content 5"),
+        (_turns(("user", "a")), "ending with the model's message"),
+        (_turns(("user", "a"), ("model", "b"), ("user", "c")), "ending"),
+    ],
+)
+def test_read_jsonl_names_the_line_of_a_bad_record(tmp_path, record, message):
+    path = tmp_path / "mine.jsonl"
+    good = {"prompt": "a", "response": "b"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match="mine.jsonl line 2: .*" + message):
+        data.read_jsonl(path)
+
+
+def test_read_jsonl_folds_a_system_message_and_reads_a_bom(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    record = _turns(("system", "Be brief."), ("user", "Hi"), ("model", "Yo"))
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(record).encode() + b"\n")
+    [example] = data.read_jsonl(path)
+    assert example.prompt == (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+    assert example.answer == "Yo"
+
+
+def test_read_jsonl_rejects_other_encodings_and_folders(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9"}')
+    with pytest.raises(ValueError, match=r"latin.jsonl line 2 is not UTF-8"):
+        data.read_jsonl(path)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        data.read_jsonl(tmp_path)
+
+
 def test_encode_keeps_the_response_and_the_turn_markers():
     example = data.Example("p" * 100 + "<end>", "yes<end_of_turn>")
     tokenizer = testing.CharTokenizer()
