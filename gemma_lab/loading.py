@@ -28,6 +28,27 @@ def default_checkpoint() -> pathlib.Path:
     return pathlib.Path(assemble())
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+"""The parameter and compute dtypes a model can have."""
+
+
+def float_dtype(value, *, name: str) -> jnp.dtype:
+    """`value` as a NumPy dtype, checked to be one of `FLOAT_DTYPES`.
+
+    Raises:
+        ValueError: naming `name`, if `value` is no dtype or another one.
+    """
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} must be one of {', '.join(FLOAT_DTYPES)}, got {value!r}"
+        )
+    return dtype
+
+
 def load(
     path: os.PathLike | None = None,
     *,
@@ -54,7 +75,8 @@ def load(
         (model, tokenizer).
 
     Raises:
-        ValueError: `path` is empty.
+        ValueError: `path` is empty, or a dtype is not float32, bfloat16 or
+            float16.
         FileNotFoundError: `path` does not exist.
         gemma_lab.CheckpointError: the file is unreadable or does not fit.
 
@@ -62,6 +84,8 @@ def load(
     >>> model(jnp.array([tokenizer.encode("Hello")])).shape  # doctest: +SKIP
     (1, 2, 262144)
     """
+    param_dtype = float_dtype(param_dtype, name="param_dtype")
+    dtype = float_dtype(dtype, name="dtype")
     if path is not None and not os.fspath(path).strip():
         # pathlib reads "" as the current folder, which is never meant.
         raise ValueError(

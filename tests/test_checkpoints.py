@@ -24,6 +24,13 @@ def test_empty_checkpoint_path_is_rejected(path, tmp_path, monkeypatch):
         gemma_lab.load(path)
 
 
+@pytest.mark.parametrize("name", ["dtype", "param_dtype"])
+def test_unknown_dtype_is_rejected_before_loading(name, tmp_path):
+    # The missing file would raise later: the dtype check comes first.
+    with pytest.raises(ValueError, match=f"^{name} must be one of float32"):
+        gemma_lab.load(tmp_path / "nope.gguf", **{name: "float17"})
+
+
 def test_truncated_gguf_is_a_clear_error(tmp_path, gguf_path):
     broken = tmp_path / "broken.gguf"
     with open(gguf_path, "rb") as f:
