@@ -219,11 +219,12 @@ def test_shipped_model_answers_well_above_chance_on_a_seeded_test_sample(
         model, tokenizer, sample_features, questions, progress=False
     )
 
-    # The shipped weights score 0.667 on this sample; answering "yes" to
-    # everything scores 0.44 (21 of 48).
-    # TODO(#7): train further and raise this bound to the 0.9 target.
+    # The shipped weights score 0.896 (43 of 48) on this sample; answering
+    # "yes" to everything scores 0.44 (21 of 48).
+    # TODO(#7): raise this bound to the 0.9 target once yes/no questions
+    # about present colours and shapes are learnt.
     score = vqa.accuracy(predicted, expected)
-    assert score >= 0.6, list(zip(questions, predicted, expected, strict=True))
+    assert score >= 0.85, list(zip(questions, predicted, expected, strict=True))
 
 
 def test_training_a_few_steps_from_scratch_lowers_the_loss(
