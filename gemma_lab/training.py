@@ -30,7 +30,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,38 +94,103 @@ def check_sequences(
     vocab_size: int,
     *,
     max_targets: int | None = None,
+    seq_len: int | None = None,
     name: str = "sequences",
 ) -> None:
-    """Raises ValueError if encoded sequences cannot be trained on as given.
+    """Raises if encoded sequences cannot be trained on as given.
 
-    Run before training: an id past the embedding table would otherwise be
-    clamped or read as garbage inside the compiled step and show up only as
-    a NaN loss, and response ids past `max_targets` would silently drop out
-    of the loss.
+    Run before training, so that no sequence fails mid-run: an id past the
+    embedding table would otherwise be clamped or read as garbage inside the
+    compiled step and show up only as a NaN loss, response ids past
+    `max_targets` would silently drop out of the loss, and a malformed pair
+    or one longer than `seq_len` would stop `make_batch` at the first step
+    that draws it. `data.encode` never produces more than `seq_len` ids, so
+    longer sequences are an error, not truncated.
 
     Args:
-        sequences: (ids, prompt length) pairs, e.g. from `data.encode`.
+        sequences: a non-empty list (or other sequence) of (ids, prompt
+            length) pairs, e.g. from `data.encode`.
         vocab_size: V of the model that will be trained.
         max_targets: P, the loss positions per row; None skips the check.
+        seq_len: T, the most ids per sequence; None skips the check.
         name: how the error message calls `sequences`.
 
     Raises:
-        ValueError: naming the first bad sequence and what is wrong with it.
+        TypeError: `sequences` is not a sequence (e.g. an iterator).
+        ValueError: `sequences` is empty, or naming the first bad sequence
+            and what is wrong with it: not an (ids, prompt length) pair, ids
+            that are not ints, an id outside [0, vocab_size), a prompt
+            length outside [1, len(ids)), more than `seq_len` ids or a
+            response longer than `max_targets`.
     """
-    for index, (ids, prompt_len) in enumerate(sequences):
+    if not isinstance(sequences, Sequence) or isinstance(
+        sequences, (str, bytes)
+    ):
+        raise TypeError(
+            f"{name} must be a list of (ids, prompt length) pairs, got "
+            f"{type(sequences).__name__}"
+        )
+    if not sequences:
+        raise ValueError(f"{name} must not be empty")
+    for index, item in enumerate(sequences):
+        where = f"{name}[{index}]"
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(
+                f"{where} is {_short(item)}; expected an (ids, prompt "
+                "length) pair"
+            )
+        ids, prompt_len = item
+        if not isinstance(ids, (Sequence, np.ndarray)) or isinstance(
+            ids, (str, bytes)
+        ):
+            raise ValueError(
+                f"{where} has ids {_short(ids)}; expected a list of ints as "
+                "the first item of (ids, prompt length)"
+            )
         for token in ids:
+            if isinstance(token, (bool, np.bool_)) or not isinstance(
+                token, numbers.Integral
+            ):
+                raise ValueError(
+                    f"{where} holds id {token!r} ({type(token).__name__}); "
+                    "expected ints"
+                )
             if not 0 <= token < vocab_size:
                 raise ValueError(
-                    f"{name}[{index}] holds token id {token}, outside the "
+                    f"{where} holds token id {token}, outside the "
                     f"model's vocabulary [0, {vocab_size})"
                 )
+        if isinstance(prompt_len, (bool, np.bool_)) or not isinstance(
+            prompt_len, numbers.Integral
+        ):
+            raise ValueError(
+                f"{where} has prompt length {prompt_len!r} "
+                f"({type(prompt_len).__name__}); expected an int"
+            )
+        if not 1 <= prompt_len < len(ids):
+            raise ValueError(
+                f"{where} has prompt length {prompt_len} for {len(ids)} ids; "
+                f"expected 1 <= prompt length < {len(ids)}"
+            )
+        if seq_len is not None and len(ids) > seq_len:
+            raise ValueError(
+                f"{where} has {len(ids)} ids, more than "
+                f"TrainConfig.seq_len={seq_len}; raise seq_len or encode "
+                "with it (data.encode)"
+            )
         response_len = len(ids) - prompt_len
         if max_targets is not None and response_len > max_targets:
             raise ValueError(
-                f"{name}[{index}] has a response of {response_len} ids, more "
+                f"{where} has a response of {response_len} ids, more "
                 f"than TrainConfig.max_targets={max_targets}; raise "
                 f"max_targets to at least the longest response"
             )
+
+
+def _short(value) -> str:
+    """repr of `value`, cut to 60 characters for error messages."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def loss_positions(
@@ -583,20 +648,19 @@ def train(
         The `History` of the steps run by this call.
 
     Raises:
-        ValueError: `sequences` is empty, a sequence holds an id outside
-            the model's vocabulary, or its response is longer than
-            `config.max_targets` (checked before anything is compiled).
+        TypeError: `sequences` or `eval_sequences` is not a sequence.
+        ValueError: `sequences` is empty, or it or `eval_sequences` holds a
+            bad pair, see `check_sequences` (checked in full before anything
+            is compiled).
 
     >>> history = train(model, encoded, TrainConfig(steps=10))  # doctest: +SKIP
     """
-    if not sequences:
-        raise ValueError("sequences must not be empty")
     vocab_size = model.config.vocab_size
-    limit = config.max_targets
-    check_sequences(sequences, vocab_size, max_targets=limit)
+    limits = {"max_targets": config.max_targets, "seq_len": config.seq_len}
+    check_sequences(sequences, vocab_size, **limits)
     if eval_sequences:
         check_sequences(
-            eval_sequences, vocab_size, max_targets=limit, name="eval_sequences"
+            eval_sequences, vocab_size, **limits, name="eval_sequences"
         )
     trainer = Trainer(model, config, mesh=mesh)
     found = checkpoints(checkpoint_dir) if checkpoint_dir else []

@@ -251,3 +251,36 @@ def test_default_warmup_adapts_to_short_runs():
     assert training.TrainConfig(steps=5) == training.TrainConfig(
         steps=5, warmup_steps=0
     )
+
+
+@pytest.mark.parametrize(
+    "sequences, error, match",
+    [
+        (iter([([2, 5, 6], 1)]), TypeError, "sequences must be a list"),
+        ([], ValueError, "sequences must not be empty"),
+        ([([2, 5, 6], 1), [2, 5, 6]], ValueError, r"sequences\[1\] .*prompt"),
+        ([([2, 5, 6], 1, 0)], ValueError, r"sequences\[0\] .*\(ids, prompt"),
+        ([("abc", 1)], ValueError, r"sequences\[0\] has ids 'abc'"),
+        ([([2, True, 6], 1)], ValueError, r"sequences\[0\] holds id True"),
+        ([([2, 5.0, 6], 1)], ValueError, r"sequences\[0\] holds id 5.0"),
+        ([([2, 5, 6], 1.0)], ValueError, r"prompt length 1.0 .*an int"),
+        (
+            [([2, 5, 6], 1), ([2, 5, 6, 7, 8], -1)],
+            ValueError,
+            r"sequences\[1\] has prompt length -1 .*"
+            r"expected 1 <= prompt length < 5",
+        ),
+        ([([2, 5, 6], 3)], ValueError, "1 <= prompt length < 3"),
+        ([([2, 5, 6], 0)], ValueError, "1 <= prompt length < 3"),
+        ([([2] * 9, 1)], ValueError, r"9 ids, .*TrainConfig.seq_len=8"),
+        ([([2, 9999, 6], 0)], ValueError, r"token id 9999, .*\[0, 512\)"),
+    ],
+)
+def test_malformed_sequences_are_rejected_before_training(
+    sequences, error, match
+):
+    config = training.TrainConfig(
+        steps=2, warmup_steps=0, batch_size=2, seq_len=8, max_targets=8
+    )
+    with pytest.raises(error, match=match):
+        training.train(_adapted(), sequences, config, progress=False)
