@@ -256,15 +256,18 @@ class TrainConfig:
         eval_every: steps between evaluations (0: never).
         checkpoint_every: steps between checkpoints (0: never).
         keep_checkpoints: how many recent checkpoints stay on disk.
-        seed: data order.
+        seed: data order, in [0, 2**32).
+
+    Counts given as numpy integers are stored as Python ints.
 
     Raises:
         TypeError: a count is not an int (bools are refused) or a rate is
             not a number.
         ValueError: a setting is out of range: counts must be positive
             (`eval_every`, `checkpoint_every`, `seed` may be 0), the learning
-            rate finite and > 0, `end_lr_fraction` in [0, 1] and
-            `warmup_steps` in [0, steps).
+            rate finite and > 0, `end_lr_fraction` in [0, 1],
+            `warmup_steps` in [0, steps), `max_targets` <= `seq_len` and
+            `seed` < 2**32.
     """
 
     steps: int = 120
@@ -284,10 +287,13 @@ class TrainConfig:
     def __post_init__(self):
         for name in _COUNTS:
             _check_int(name, getattr(self, name))
+            # np.int64 and friends become Python ints (hashing, JSON).
+            object.__setattr__(self, name, int(getattr(self, name)))
         if self.warmup_steps is None:
             warmup = min(10, self.steps // 10)
             object.__setattr__(self, "warmup_steps", warmup)
         _check_int("warmup_steps", self.warmup_steps)
+        object.__setattr__(self, "warmup_steps", int(self.warmup_steps))
         for name in ("learning_rate", "end_lr_fraction", "weight_decay"):
             _check_float(name, getattr(self, name))
 
@@ -312,6 +318,15 @@ class TrainConfig:
             raise ValueError(
                 "TrainConfig.end_lr_fraction must be in [0, 1], got "
                 f"{self.end_lr_fraction}"
+            )
+        if self.max_targets > self.seq_len:
+            raise ValueError(
+                f"TrainConfig.max_targets must be <= seq_len={self.seq_len}, "
+                f"got {self.max_targets}"
+            )
+        if self.seed >= 2**32:
+            raise ValueError(
+                f"TrainConfig.seed must be in [0, 2**32), got {self.seed}"
             )
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(

@@ -236,6 +236,13 @@ def test_responses_longer_than_max_targets_are_rejected():
         ({"keep_checkpoints": 0}, ValueError, "keep_checkpoints must be > 0"),
         ({"end_lr_fraction": 2.0}, ValueError, r"end_lr_fraction .*\[0, 1\]"),
         ({"steps": 5, "warmup_steps": 5}, ValueError, "warmup_steps must be"),
+        (
+            {"seq_len": 8, "max_targets": 9},
+            ValueError,
+            r"max_targets must be <= seq_len=8, got 9",
+        ),
+        ({"seed": 2**32}, ValueError, r"seed must be in \[0, 2\*\*32\)"),
+        ({"seed": -1}, ValueError, "seed must be >= 0"),
     ],
 )
 def test_config_types_and_ranges_are_checked(kwargs, error, match):
@@ -284,3 +291,12 @@ def test_malformed_sequences_are_rejected_before_training(
     )
     with pytest.raises(error, match=match):
         training.train(_adapted(), sequences, config, progress=False)
+
+
+def test_numpy_counts_become_python_ints():
+    config = training.TrainConfig(
+        steps=np.int64(20), seq_len=np.int32(16), warmup_steps=np.int64(2)
+    )
+    assert type(config.steps) is int and type(config.seq_len) is int
+    assert type(config.warmup_steps) is int and config.warmup_steps == 2
+    assert config == training.TrainConfig(steps=20, seq_len=16, warmup_steps=2)
