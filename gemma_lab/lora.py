@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pathlib
 import tempfile
@@ -306,8 +307,9 @@ def read_adapter(path: os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     Raises:
         FileNotFoundError: `path` does not exist.
         AdapterMismatchError: the file is not a readable safetensors file
-            or not a gemma_lab adapter, or its metadata lacks a key or holds
-            a value that does not parse.
+            or not a gemma_lab adapter, its metadata lacks a key or holds a
+            value that does not parse, alpha is not finite and > 0, or a
+            tensor is not floating point or holds NaN or inf.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -345,6 +347,22 @@ def read_adapter(path: os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         raise AdapterMismatchError(
             f"adapter {str(path)!r} has unreadable metadata: {error}"
         ) from error
+    if not (math.isfinite(meta["alpha"]) and meta["alpha"] > 0):
+        raise AdapterMismatchError(
+            f"adapter {str(path)!r} has alpha {meta['alpha']}, expected a "
+            "finite number > 0"
+        )
+    for name, value in tensors.items():
+        if not np.issubdtype(value.dtype, np.floating):
+            raise AdapterMismatchError(
+                f"adapter {str(path)!r}: tensor {name} has dtype "
+                f"{value.dtype}, expected a floating-point dtype"
+            )
+        if not np.isfinite(value).all():
+            raise AdapterMismatchError(
+                f"adapter {str(path)!r}: tensor {name} holds non-finite "
+                "values (NaN or inf)"
+            )
     return meta, tensors
 
 
@@ -369,7 +387,9 @@ def load_adapter(model: Transformer, path: os.PathLike) -> Transformer:
 
     Adapters are created with the file's rank, alpha and targets when the
     model has none; existing adapters must have the same settings. A merged
-    model is unmerged first and merged again afterwards.
+    model is unmerged first and merged again afterwards. Tensors of any
+    floating-point dtype (e.g. float16) are accepted and cast to the dtype
+    of the model's adapter params.
 
     Args:
         model: a loaded base model, with or without adapters.
@@ -380,9 +400,10 @@ def load_adapter(model: Transformer, path: os.PathLike) -> Transformer:
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        AdapterMismatchError: other base model, settings, names or shapes.
-            Everything is checked first, so a failed load leaves `model`
-            exactly as it was.
+        AdapterMismatchError: other base model, settings, names or shapes,
+            or a bad alpha or tensor (see `read_adapter`). Everything is
+            checked first, so a failed load leaves `model` exactly as it
+            was.
     """
     meta, tensors = read_adapter(path)
     _check_fit(model, meta, tensors, path)

@@ -1,6 +1,7 @@
 """LoRA adapters: identity at start, merge, save and load."""
 
 import os
+import re
 import stat
 
 import jax
@@ -232,3 +233,84 @@ def test_atomic_writes_respect_the_umask(tmp_path):
     ]
     assert modes == [0o644] * 3
     assert stat.S_IMODE((tmp_path / "d.bin").stat().st_mode) == 0o600
+
+
+def _rewritten(tmp_path, change):
+    """A saved adapter file, rewritten after change(meta, tensors)."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    source = lora.apply_lora(testing.tiny_model(), rank=4)
+    _randomise_adapters(source)
+    good = lora.save_adapter(source, tmp_path / "good.safetensors")
+    with safe_open(str(good), framework="numpy") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    last = sorted(tensors)[-1]
+    change(meta, tensors, last)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    return source, bad, last
+
+
+def _set(key, value):
+    def change(meta, tensors, last):
+        meta[key] = value
+
+    return change
+
+
+def _tensor(fn):
+    def change(meta, tensors, last):
+        tensors[last] = fn(tensors[last])
+
+    return change
+
+
+def _nan(x):
+    x = x.copy()
+    x.flat[0] = np.nan
+    return x
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (_set("alpha", "nan"), r"bad.safetensors' has alpha nan"),
+        (_set("alpha", "inf"), r"has alpha inf, expected a finite"),
+        (_set("alpha", "0.0"), r"has alpha 0.0, expected a finite number"),
+        (_set("alpha", "-8.0"), r"has alpha -8.0"),
+        (_tensor(lambda x: x.astype(np.int32)), r"LAST has dtype int32"),
+        (_tensor(_nan), r"LAST holds non-finite"),
+        (_tensor(lambda x: x * np.inf), r"LAST holds non-finite"),
+    ],
+)
+@pytest.mark.parametrize("with_adapters", [False, True])
+def test_bad_alpha_or_tensors_leave_the_model_unchanged(
+    tmp_path, change, match, with_adapters
+):
+    _, bad, last = _rewritten(tmp_path, change)
+    model = testing.tiny_model()
+    if with_adapters:
+        lora.apply_lora(model, rank=4)
+    structure, leaves = _state_arrays(model)
+    match = match.replace("LAST", re.escape(last))
+    with pytest.raises(lora.AdapterMismatchError, match=match):
+        lora.load_adapter(model, bad)
+    after_structure, after_leaves = _state_arrays(model)
+    assert after_structure == structure
+    for old, new in zip(leaves, after_leaves, strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_float16_adapter_tensors_are_cast_to_the_param_dtype(tmp_path):
+    source, path, _ = _rewritten(
+        tmp_path,
+        lambda meta, tensors, last: tensors.update(
+            {k: v.astype(np.float16) for k, v in tensors.items()}
+        ),
+    )
+    loaded = lora.load_adapter(testing.tiny_model(), path)
+    for module in lora.adapters(loaded).values():
+        assert module.lora_a[...].dtype == jnp.float32
+    np.testing.assert_allclose(loaded(TOKENS), source(TOKENS), atol=1e-2)
