@@ -37,7 +37,7 @@ import tqdm.auto as tqdm
 from flax import nnx
 
 from gemma_lab.chat import check_messages
-from gemma_lab.tokenizer import Tokenizer
+from gemma_lab.tokenizer import Tokenizer, check_utf8
 
 TOPICS = ("business", "entertainment", "politics", "sport", "tech")
 END_OF_TURN = "<end_of_turn>"
@@ -152,6 +152,11 @@ def bbc_news_topics(
 
 
 def _example_from_record(record, where: str) -> Example:
+    if isinstance(record, dict) and "prompt" in record and "messages" in record:
+        raise ValueError(
+            f"{where}: the record holds both 'prompt' and 'messages'; "
+            "expected one of the two forms"
+        )
     if isinstance(record, dict) and "prompt" in record:
         prompt, response = record["prompt"], record.get("response")
         for key, value in (("prompt", prompt), ("response", response)):
@@ -159,8 +164,11 @@ def _example_from_record(record, where: str) -> Example:
                 raise ValueError(
                     f"{where}: {key!r} is {value!r}; expected a string"
                 )
-        if not prompt.strip():
-            raise ValueError(f"{where}: 'prompt' is empty")
+            _check_text(value, where, repr(key))
+            if not value.strip():
+                raise ValueError(
+                    f"{where}: {key!r} is empty; expected text to train on"
+                )
         return Example(chat_prompt([("user", prompt)]), response + END_OF_TURN)
     if isinstance(record, dict) and "messages" in record:
         messages = record["messages"]
@@ -173,10 +181,17 @@ def _example_from_record(record, where: str) -> Example:
             turns = check_messages(messages)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
+        for i, message in enumerate(messages):
+            _check_text(message["content"], where, f"messages[{i}].content")
         if len(turns) < 2 or turns[-1][0] != "model":
             raise ValueError(
                 f"{where}: expected user turns answered by model turns, "
                 "ending with the model's message (the response to train on)"
+            )
+        if not turns[-1][1].strip():
+            raise ValueError(
+                f"{where}: the final model message is empty; expected the "
+                "response to train on"
             )
         return Example(chat_prompt(turns[:-1]), turns[-1][1] + END_OF_TURN)
     raise ValueError(
@@ -185,20 +200,40 @@ def _example_from_record(record, where: str) -> Example:
     )
 
 
+def _check_text(text: str, where: str, key: str) -> None:
+    """Raises ValueError naming `where` and `key` unless `text` is UTF-8."""
+    try:
+        check_utf8(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: {key}: {e}") from None
+
+
 def read_jsonl(path: os.PathLike) -> list[Example]:
     """Reads a user's JSONL file of prompt/response pairs or chat turns.
 
     One JSON object a line: {"prompt": ..., "response": ...}, or
     {"messages": [{"role": ..., "content": ...}, ...]} with the rules of
-    `chat.render` and the model's message last. Blank lines are skipped;
-    the file is UTF-8, with or without a byte-order mark.
+    `chat.render` and the model's message last, never both. Prompt and
+    response must not be empty. Blank lines are skipped; the file is UTF-8,
+    with or without a byte-order mark.
 
     Raises:
+        TypeError: `path` is not a str or os.PathLike (e.g. None).
         FileNotFoundError: `path` does not exist.
         IsADirectoryError: `path` is a folder.
-        ValueError: a line is not UTF-8, not JSON, or not a valid record;
-            the message names the file and the line.
+        ValueError: `path` is empty, the file holds no records, or a line is
+            not UTF-8, not JSON, or not a valid record (both forms, an empty
+            prompt or response, a lone surrogate in the text); the message
+            names the file and the line.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"path must be a str or os.PathLike naming a JSONL file, got "
+            f"{path!r} ({type(path).__name__})"
+        )
+    if not os.fspath(path).strip():
+        # pathlib reads "" as the current folder, which is never meant.
+        raise ValueError(f"path must name a JSONL file, got {path!r}")
     path = pathlib.Path(path)
     if path.is_dir():
         raise IsADirectoryError(
@@ -224,6 +259,11 @@ def read_jsonl(path: os.PathLike) -> list[Example]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{where} is not valid JSON: {e}") from e
         examples.append(_example_from_record(record, where))
+    if not examples:
+        raise ValueError(
+            f"JSONL file {str(path)!r} holds no records; expected one JSON "
+            "object a line"
+        )
     return examples
 
 

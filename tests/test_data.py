@@ -87,6 +87,21 @@ def _turns(*pairs):
         (_turns(("user", 5), ("model", "b")), "has content 5"),
         (_turns(("user", "a")), "ending with the model's message"),
         (_turns(("user", "a"), ("model", "b"), ("user", "c")), "ending"),
+        ({"prompt": "a", "response": ""}, "'response' is empty"),
+        ({"prompt": "a", "response": " \n"}, "'response' is empty"),
+        (_turns(("user", "a"), ("model", "")), "final model message is empty"),
+        (
+            {"prompt": "a", "response": "b", **_turns(("user", "a"))},
+            "both 'prompt' and 'messages'",
+        ),
+        (
+            {"prompt": "a\ud800", "response": "b"},
+            r"'prompt': text is not valid UTF-8: '\\ud800' at position 1",
+        ),
+        (
+            _turns(("system", "s"), ("user", "a"), ("model", "\udc80")),
+            r"messages\[2\].content: text is not valid UTF-8",
+        ),
     ],
 )
 def test_read_jsonl_names_the_line_of_a_bad_record(tmp_path, record, message):
@@ -172,3 +187,18 @@ def test_encoded_examples_make_batches_with_response_masks():
     for row, (ids, prompt_len) in enumerate(encoded):
         masked = batch.labels[row][batch.loss_mask[row]]
         np.testing.assert_array_equal(masked, ids[prompt_len:])
+
+
+@pytest.mark.parametrize("content", ["", "\n", "  \n\n"])
+def test_read_jsonl_rejects_a_file_without_records(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="empty.jsonl' holds no records"):
+        data.read_jsonl(path)
+
+
+def test_read_jsonl_rejects_an_empty_or_missing_path():
+    with pytest.raises(ValueError, match="path must name a JSONL file, got ''"):
+        data.read_jsonl("")
+    with pytest.raises(TypeError, match="path must be a str .*got None"):
+        data.read_jsonl(None)
