@@ -183,6 +183,23 @@ def _turns(messages, add_generation_prompt: bool) -> list[tuple]:
     return turns
 
 
+class ConversationFull(ValueError):
+    """A turn that would take a conversation past its `max_len`.
+
+    Attributes:
+        need: the tokens the conversation would hold after the turn.
+        max_len: the session's limit.
+    """
+
+    def __init__(self, need: int, max_len: int):
+        super().__init__(
+            f"the conversation would reach {need} tokens, over max_len "
+            f"{max_len}; call reset() or rewind(), or build the session "
+            "with a larger max_len"
+        )
+        self.need, self.max_len = need, max_len
+
+
 class ChatSession:
     """A multi-turn conversation that keeps its KV cache between turns.
 
@@ -237,6 +254,11 @@ class ChatSession:
                 f"got {max_len!r}"
             )
         sampler.check_options(max_new_tokens=max_new_tokens, **sampling)
+        if max_new_tokens >= max_len:
+            raise ValueError(
+                f"max_new_tokens must be < max_len {max_len} (a reply must "
+                f"leave room for its prompt), got {max_new_tokens}"
+            )
         self.sampler, self.system, self.max_len = sampler, system, max_len
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.reset()
@@ -330,11 +352,7 @@ class ChatSession:
         expanded = self.sampler.expand_prompt(new_ids)
         need = len(self._fed) + len(expanded) + kwargs["max_new_tokens"]
         if need > self.max_len:
-            raise ValueError(
-                f"the conversation would reach {need} tokens, over max_len "
-                f"{self.max_len}; call reset() or rewind(), or build the "
-                "session with a larger max_len"
-            )
+            raise ConversationFull(need, self.max_len)
         if self._cache is None:
             self._cache = self.sampler.init_cache(1, self.max_len)
         kwargs.update(cache=self._cache, start=len(self._fed))
