@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
-from gemma_lab.sampler import Sampler, SampleResult
-from gemma_lab.tokenizer import Tokenizer
+from gemma_lab.sampler import Sampler, SampleResult, _is_int
+from gemma_lab.tokenizer import Tokenizer, check_utf8
 from gemma_lab.vision.layout import IMAGE_MARKER
 
 _GEMMA_ROLE = {"user": "user", "assistant": "model", "model": "model"}
@@ -45,6 +45,13 @@ def check_messages(messages: Sequence[Mapping[str, str]]) -> list[tuple]:
         ValueError: a role or content breaks the rules; the message names
             its index.
     """
+    if isinstance(messages, str | bytes | Mapping) or not isinstance(
+        messages, Sequence
+    ):
+        raise TypeError(
+            "messages must be a list of {'role', 'content'} dicts, got "
+            f"{messages!r}"
+        )
     turns, system = [], None
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
@@ -106,7 +113,8 @@ def render(
         The rendered text.
 
     Raises:
-        TypeError: a message that is not a dict.
+        TypeError: messages that are not a list of dicts, or a flag that
+            is not a bool.
         ValueError: unknown role, empty content, roles that do not
             alternate, a misplaced system message, or a generation prompt
             after an assistant message or after no message at all.
@@ -117,6 +125,7 @@ def render(
     Encoding the rendered text reads special pieces written in message
     content as markers; `encode_messages` keeps content as plain text.
     """  # noqa: E501
+    _check_flags(add_generation_prompt=add_generation_prompt, bos=bos)
     turns = _turns(messages, add_generation_prompt)
     text = "<bos>" if bos else ""
     for role, content in turns:
@@ -153,6 +162,7 @@ def encode_messages(
     Raises:
         TypeError, ValueError: as `render`.
     """
+    _check_flags(add_generation_prompt=add_generation_prompt, bos=bos)
     turns = _turns(messages, add_generation_prompt)
 
     def plain(text: str) -> list[int]:
@@ -165,6 +175,13 @@ def encode_messages(
     if add_generation_prompt:
         ids += [tokenizer.start_of_turn_id, *plain("model\n")]
     return ids
+
+
+def _check_flags(**flags) -> None:
+    """Raises TypeError naming the first flag that is not a bool."""
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
 
 
 def _turns(messages, add_generation_prompt: bool) -> list[tuple]:
@@ -181,6 +198,23 @@ def _turns(messages, add_generation_prompt: bool) -> list[tuple]:
             f"message, got a {turns[-1][0]} turn"
         )
     return turns
+
+
+class ConversationFull(ValueError):
+    """A turn that would take a conversation past its `max_len`.
+
+    Attributes:
+        need: the tokens the conversation would hold after the turn.
+        max_len: the session's limit.
+    """
+
+    def __init__(self, need: int, max_len: int):
+        super().__init__(
+            f"the conversation would reach {need} tokens, over max_len "
+            f"{max_len}; call reset() or rewind(), or build the session "
+            "with a larger max_len"
+        )
+        self.need, self.max_len = need, max_len
 
 
 class ChatSession:
@@ -200,10 +234,13 @@ class ChatSession:
             (temperature, top_k, top_p, seed, stop_ids, stop_strings).
 
     Raises:
-        ValueError: a sampler without a tokenizer, a blank system message,
-            max_len outside the model's context, or default settings that
-            `Sampler.check_options` rejects.
-        TypeError: a default setting `Sampler.check_options` does not take.
+        ValueError: a sampler without a tokenizer, a blank or non-UTF-8
+            system message, max_len outside the model's context,
+            max_new_tokens that leave no room in max_len, default settings
+            that `Sampler.check_options` rejects, or return_logprobs /
+            return_logits (a session returns texts only).
+        TypeError: a sampler that is not a `Sampler`, or a default setting
+            `Sampler.check_options` does not take.
 
     >>> chat = ChatSession(Sampler(model, tokenizer))  # doctest: +SKIP
     >>> chat.send("Name a colour.")  # doctest: +SKIP
@@ -218,6 +255,10 @@ class ChatSession:
         max_new_tokens: int = 256,
         **sampling,
     ):
+        if not isinstance(sampler, Sampler):
+            raise TypeError(
+                f"sampler must be a gemma_lab Sampler, got {sampler!r}"
+            )
         if sampler.tokenizer is None:
             raise ValueError("ChatSession needs a Sampler with a tokenizer")
         if system is not None and (
@@ -226,17 +267,22 @@ class ChatSession:
             raise ValueError(
                 f"system must be None or a non-blank str, got {system!r}"
             )
+        if system is not None:
+            check_utf8(system)
         context = sampler.model.config.max_seq_len
-        if (
-            not isinstance(max_len, int)
-            or isinstance(max_len, bool)
-            or not 1 <= max_len <= context
-        ):
+        if not _is_int(max_len) or not 1 <= max_len <= context:
             raise ValueError(
                 f"max_len must lie in [1, {context}] (the model's context), "
                 f"got {max_len!r}"
             )
         sampler.check_options(max_new_tokens=max_new_tokens, **sampling)
+        _check_unused(sampling)
+        max_len = int(max_len)
+        if max_new_tokens >= max_len:
+            raise ValueError(
+                f"max_new_tokens must be < max_len {max_len} (a reply must "
+                f"leave room for its prompt), got {max_new_tokens}"
+            )
         self.sampler, self.system, self.max_len = sampler, system, max_len
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.reset()
@@ -263,12 +309,12 @@ class ChatSession:
     def rewind(self, turns: int = 1) -> None:
         """Drops the last `turns` exchanges (user message and reply)."""
         exchanges = len(self._turns) // 2
-        if not 0 <= turns <= exchanges:
+        if not _is_int(turns) or not 0 <= turns <= exchanges:
             raise ValueError(
                 f"turns must lie in [0, {exchanges}] (the exchanges so far), "
-                f"got {turns}"
+                f"got {turns!r}"
             )
-        del self._turns[len(self._turns) - 2 * turns :]
+        del self._turns[len(self._turns) - 2 * int(turns) :]
         self._forget_cache()
 
     def send(
@@ -322,6 +368,7 @@ class ChatSession:
             turn = encode_messages([user], tokenizer, bos=False)
             new_ids, fed = self._pending + newline + turn, [user]
         kwargs = {"max_new_tokens": self.max_new_tokens, **self.sampling}
+        _check_unused(overrides)
         kwargs.update(overrides)
         images = [x for m in fed for x in m.get("images", ())]
         if images:
@@ -330,11 +377,7 @@ class ChatSession:
         expanded = self.sampler.expand_prompt(new_ids)
         need = len(self._fed) + len(expanded) + kwargs["max_new_tokens"]
         if need > self.max_len:
-            raise ValueError(
-                f"the conversation would reach {need} tokens, over max_len "
-                f"{self.max_len}; call reset() or rewind(), or build the "
-                "session with a larger max_len"
-            )
+            raise ConversationFull(need, self.max_len)
         if self._cache is None:
             self._cache = self.sampler.init_cache(1, self.max_len)
         kwargs.update(cache=self._cache, start=len(self._fed))
@@ -354,6 +397,16 @@ class ChatSession:
         self._turns.append(user)
         self._turns.append({"role": "assistant", "content": reply})
         return reply
+
+
+def _check_unused(settings: dict) -> None:
+    """Rejects settings whose output a session returns no way to read."""
+    for name in ("return_logprobs", "return_logits"):
+        if settings.get(name):
+            raise ValueError(
+                f"{name}=True has no use in a ChatSession, which returns "
+                "reply texts only; call Sampler.generate for them"
+            )
 
 
 def _user_message(text: str, images: Sequence | None) -> dict:

@@ -24,7 +24,7 @@ import argparse
 import math
 import sys
 
-from gemma_lab.chat import ChatSession
+from gemma_lab.chat import ChatSession, ConversationFull
 from gemma_lab.config import GEMMA3_270M, PRESETS
 from gemma_lab.loading import load
 from gemma_lab.sampler import SEED_LIMIT, Sampler
@@ -102,7 +102,7 @@ def _sampling(args) -> dict:
 
 def _generate(args, out) -> int:
     model, tokenizer = load(args.checkpoint)
-    max_len = _fitting_max_len(args, model.config.max_seq_len)
+    max_len = _fitting_max_len(args, model.config)
     ids = tokenizer.encode(args.prompt)
     room = max_len - args.max_new_tokens
     if len(ids) > room and not args.truncate:
@@ -127,16 +127,26 @@ def _generate(args, out) -> int:
     return 0
 
 
-def _fitting_max_len(args, context: int) -> int:
-    """`--max-len`, or its default, checked against the model's context."""
-    if args.max_len is None:
-        return min(DEFAULT_MAX_LEN, context)
-    if args.max_len > context:
+def _fitting_max_len(args, config) -> int:
+    """`--max-len`, or its default, checked against the loaded model."""
+    context = config.max_seq_len
+    if args.top_k is not None and args.top_k > config.vocab_size:
+        raise ValueError(
+            f"--top-k must be <= the model's vocabulary size "
+            f"{config.vocab_size}, got {args.top_k}"
+        )
+    if args.max_len is not None and args.max_len > context:
         raise ValueError(
             f"--max-len must be <= the model's context {context}, got "
             f"{args.max_len}"
         )
-    return args.max_len
+    max_len = args.max_len
+    if max_len is None:
+        max_len = min(DEFAULT_MAX_LEN, context)
+    problem = _check_room(args, max_len, args.max_len is None)
+    if problem:
+        raise ValueError(problem)
+    return max_len
 
 
 def _chat(args, out, lines) -> int:
@@ -144,7 +154,7 @@ def _chat(args, out, lines) -> int:
     session = ChatSession(
         Sampler(model, tokenizer),
         system=args.system,
-        max_len=_fitting_max_len(args, model.config.max_seq_len),
+        max_len=_fitting_max_len(args, model.config),
         **_sampling(args),
     )
     out.write("Type a message; /reset starts over, /exit leaves.\n")
@@ -162,6 +172,15 @@ def _chat(args, out, lines) -> int:
             for piece in session.stream(text):
                 out.write(piece)
                 out.flush()
+        except ConversationFull as error:
+            out.flush()
+            print(
+                f"gemma-lab: error: the conversation would reach "
+                f"{error.need} tokens, over --max-len {error.max_len}; type "
+                "/reset to start over, or restart with a larger --max-len",
+                file=sys.stderr,
+            )
+            continue
         except ValueError as error:
             # A message that cannot be sent ends neither the session nor
             # its status: the next line is read as usual.
@@ -218,6 +237,13 @@ def _check_options(args) -> str | None:
         )
     if args.top_k is not None and args.top_k < 1:
         return f"--top-k must be >= 1, got {args.top_k}"
+    # The vocabulary of a --checkpoint is only known once it is read.
+    vocab = GEMMA3_270M.vocab_size
+    if args.checkpoint is None and (args.top_k or 0) > vocab:
+        return (
+            f"--top-k must be <= the model's vocabulary size {vocab}, got "
+            f"{args.top_k}"
+        )
     if args.top_p is not None and not 0 < args.top_p <= 1:
         return f"--top-p must lie in (0, 1], got {args.top_p}"
     if not 0 <= args.seed < SEED_LIMIT:
@@ -245,27 +271,40 @@ def _check_texts(args) -> str | None:
 
 def _check_max_len(args) -> str | None:
     """Whether `--max-len` leaves room for a prompt after the new tokens."""
-    if args.max_len is None:
-        return None
     # The model's own context is checked once it is read; before that, the
     # preset of the embedded model, or the longest context of any preset.
     context = max(c.max_seq_len for c in PRESETS.values())
     if args.checkpoint is None:
         context = GEMMA3_270M.max_seq_len
-    if args.max_len > context:
+    if args.max_len is not None and args.max_len > context:
         return (
             f"--max-len must be <= the model's context {context}, got "
             f"{args.max_len}"
         )
+    # The default is at most DEFAULT_MAX_LEN whatever the model's context.
+    max_len = args.max_len
+    if max_len is None:
+        max_len = min(DEFAULT_MAX_LEN, context)
+    return _check_room(args, max_len, args.max_len is None)
+
+
+def _check_room(args, max_len: int, default: bool) -> str | None:
+    """Whether `max_len` (`--max-len` or its default) fits the new tokens."""
     # A kept prompt needs BOS, and a truncated one BOS plus its last token.
     prompt = 2 if getattr(args, "truncate", False) else 1
     least = args.max_new_tokens + prompt
-    if args.max_len < least:
+    if max_len >= least:
+        return None
+    if not default:
         return (
             f"--max-len must be >= --max-new-tokens + {prompt} = {least}, "
-            f"got {args.max_len}"
+            f"got {max_len}"
         )
-    return None
+    return (
+        f"--max-new-tokens must be <= --max-len - {prompt} = "
+        f"{max_len - prompt} (--max-len defaults to {max_len}), got "
+        f"{args.max_new_tokens}; lower --max-new-tokens or raise --max-len"
+    )
 
 
 if __name__ == "__main__":

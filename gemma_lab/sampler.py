@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from gemma_lab.attention import LayerCache
 from gemma_lab.model import Cache, Transformer
 from gemma_lab.multimodal import Gemma3Multimodal, prepare_prompt
 from gemma_lab.tokenizer import Tokenizer
@@ -322,6 +323,34 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _is_ids(prompt) -> bool:
+    """Whether `prompt` is one prompt of ids (not a text or a batch)."""
+    if isinstance(prompt, np.ndarray | jax.Array):
+        return prompt.ndim == 1
+    return (
+        isinstance(prompt, Sequence)
+        and not isinstance(prompt, str)
+        and len(prompt) > 0
+        and isinstance(prompt[0], numbers.Number | np.generic)
+    )
+
+
+def _id_row(prompt, name: str) -> list[int]:
+    """A prompt of ids as a list of ints; TypeError names a bad element."""
+    if isinstance(prompt, np.ndarray | jax.Array):
+        prompt = np.asarray(prompt).tolist() if prompt.ndim == 1 else None
+    if not isinstance(prompt, Sequence) or isinstance(prompt, str | bytes):
+        raise TypeError(
+            f"{name} must be a str or a sequence of int ids, got {prompt!r}"
+        )
+    for j, t in enumerate(prompt):
+        if not _is_int(t):
+            raise TypeError(
+                f"{name} holds {t!r} at index {j}; expected int token ids"
+            )
+    return [int(t) for t in prompt]
+
+
 def _options(
     tokenizer: Tokenizer | None, vocab_size: int, max_new_tokens,
     temperature, top_k, top_p, seed, stop_ids, stop_strings,
@@ -473,6 +502,18 @@ class Sampler:
         model: Transformer | Gemma3Multimodal,
         tokenizer: Tokenizer | None = None,
     ):
+        if not isinstance(model, Transformer | Gemma3Multimodal):
+            raise TypeError(
+                "model must be a gemma_lab Transformer or Gemma3Multimodal, "
+                f"got {model!r}"
+            )
+        if tokenizer is not None and not (
+            hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode")
+        ):
+            raise TypeError(
+                f"tokenizer must be a gemma_lab Tokenizer or None, got "
+                f"{tokenizer!r}"
+            )
         self.multimodal = None
         if isinstance(model, Gemma3Multimodal):
             self.multimodal, model = model, model.language_model
@@ -595,12 +636,11 @@ class Sampler:
         """
         if self.tokenizer is None:
             raise ValueError("stream needs a Sampler built with a tokenizer")
-        if (
-            not isinstance(prompt, str)
-            and prompt
-            and not isinstance(prompt[0], int | np.integer)
-        ):
-            raise ValueError("stream takes one prompt: a text or a list of ids")
+        if not isinstance(prompt, str) and not _is_ids(prompt):
+            raise ValueError(
+                "stream takes one prompt: a text or a list of ids, got "
+                f"{prompt!r}"
+            )
         opts = self.check_options(
             max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids,
@@ -650,19 +690,26 @@ class Sampler:
 
     def _rows(self, prompts) -> list[list[int]]:
         """Prompts as lists of ids, one per row."""
-        if isinstance(prompts, str):
+        single = isinstance(prompts, str) or _is_ids(prompts)
+        if single:
             prompts = [prompts]
-        if len(prompts) and isinstance(prompts[0], int | np.integer):
-            prompts = [prompts]
+        elif isinstance(prompts, np.ndarray | jax.Array) and prompts.ndim == 2:
+            prompts = list(prompts)
+        elif not isinstance(prompts, Sequence):
+            raise TypeError(
+                "prompts must be a str, a sequence of int ids, or a list of "
+                f"those, got {prompts!r}"
+            )
         rows = []
         for i, prompt in enumerate(prompts):
+            name = "the prompt" if single else f"prompts[{i}]"
             if isinstance(prompt, str):
                 if self.tokenizer is None:
                     raise ValueError("text prompts need a tokenizer")
                 prompt = self.tokenizer.encode(prompt)
-            if len(prompt) == 0:
+            row = _id_row(prompt, name)
+            if len(row) == 0:
                 raise ValueError(f"prompt {i} is empty; expected >= 1 token")
-            row = [int(t) for t in prompt]
             vocab = self.model.config.vocab_size
             if min(row) < 0 or max(row) >= vocab:
                 raise ValueError(
@@ -759,7 +806,27 @@ class Sampler:
         """Validates a call, then returns its run state and step iterator."""
         rows = self._rows(prompts)
         rows, layout = self._with_images(rows, images, features, truncate)
-        starts = [start] * len(rows) if isinstance(start, int) else list(start)
+        if not isinstance(truncate, bool):
+            raise TypeError(f"truncate must be a bool, got {truncate!r}")
+        if cache is not None and not (
+            isinstance(cache, tuple)
+            and all(isinstance(c, LayerCache) for c in cache)
+        ):
+            raise TypeError(
+                "cache must be a Cache (a result's .cache, or "
+                f"Sampler.init_cache) or None, got {type(cache).__name__}"
+            )
+        if _is_int(start):
+            starts = [int(start)] * len(rows)
+        elif isinstance(start, Sequence | np.ndarray) and all(
+            _is_int(s) for s in start
+        ):
+            starts = [int(s) for s in start]
+        else:
+            raise TypeError(
+                f"start must be an int >= 0 or one int per prompt, got "
+                f"{start!r}"
+            )
         if len(starts) != len(rows) or min(starts) < 0:
             raise ValueError(
                 f"start must be an int >= 0 or one per prompt ({len(rows)}), "

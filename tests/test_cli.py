@@ -107,6 +107,20 @@ def test_missing_checkpoint_is_a_one_line_error(capsys, tmp_path):
             ["chat", "--max-new-tokens", "300", "--max-len", "256"],
             "--max-len must be >= --max-new-tokens + 1 = 301, got 256",
         ),
+        (
+            ["generate", "--max-new-tokens", "99999999", "x"],
+            "--max-new-tokens must be <= --max-len - 1 = 2047 (--max-len "
+            "defaults to 2048), got 99999999",
+        ),
+        (
+            ["chat", "--max-new-tokens", "99999999"],
+            "--max-new-tokens must be <= --max-len - 1 = 2047",
+        ),
+        (
+            ["generate", "--top-k", "99999999999", "x"],
+            "--top-k must be <= the model's vocabulary size 262144, got "
+            "99999999999",
+        ),
     ],
 )  # fmt: skip
 def test_max_len_without_room_is_rejected_before_loading(
@@ -131,6 +145,21 @@ def test_default_max_len_is_the_tiny_models_context(tiny_load, capsys):
     argv = ["generate", "--max-new-tokens", "4", "x" * 300]
     assert cli.main(argv, stdout=out) == 2
     assert "--max-len 256 leaves" in capsys.readouterr().err
+
+
+def test_new_tokens_over_the_default_max_len_are_named(tiny_load, capsys):
+    # The tiny model's context (256) lowers the default after loading.
+    assert cli.main(["generate", "--max-new-tokens", "300", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-new-tokens must be <= --max-len - 1 = 255" in err
+
+
+def test_top_k_over_a_checkpoints_vocabulary_names_the_flag(tiny_load, capsys):
+    argv = ["generate", "--checkpoint", "tiny.gguf", "--top-k", "100000"]
+    assert cli.main([*argv, "x"]) == 2
+    assert "--top-k must be <= the model's vocabulary size" in (
+        capsys.readouterr().err
+    )
 
 
 def test_truncate_keeps_the_newest_prompt_tokens(tiny_load, monkeypatch):
@@ -190,5 +219,5 @@ def test_chat_reports_a_bad_message_on_stderr_and_continues(tiny_load, capsys):
     assert cli.main(argv, stdin=lines, stdout=out) == 0
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "not valid UTF-8" in err[0]
-    assert "over max_len 64" in err[1]
+    assert "over --max-len 64; type /reset" in err[1]
     assert "error" not in out.getvalue()

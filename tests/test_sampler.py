@@ -282,3 +282,66 @@ def test_logprobs_are_the_models_log_softmax(sampler):
     logits = result.logits[0]
     expected = jax.nn.log_softmax(logits)[np.arange(4), result.tokens[0]]
     np.testing.assert_allclose(result.logprobs[0], expected, atol=1e-5)
+
+
+def _tiny_sampler():
+    return Sampler(testing.tiny_model(0), testing.CharTokenizer())
+
+
+def test_stream_takes_id_arrays_like_generate():
+    sampler = _tiny_sampler()
+    for ids in (np.array([2, 3]), jnp.array([2, 3])):
+        pieces = sampler.stream(ids, max_new_tokens=2)
+        "".join(pieces)
+        want = sampler.generate([2, 3], max_new_tokens=2)
+        assert pieces.result.tokens == want.tokens
+
+
+@pytest.mark.parametrize(
+    "prompts, match",
+    [
+        ([2, 3.7, 4], r"the prompt holds 3.7 at index 1; expected int"),
+        ([2, True], r"the prompt holds True at index 1"),
+        ([2, "a"], r"the prompt holds 'a' at index 1"),
+        ([[2, 3], [2, 1.5]], r"prompts\[1\] holds 1.5 at index 1"),
+        (5, "prompts must be a str, a sequence of int ids, or a list"),
+        (None, "prompts must be a str, a sequence of int ids, or a list"),
+        ([5], None),
+    ],
+)
+def test_prompts_must_be_texts_or_int_ids(prompts, match):
+    sampler = _tiny_sampler()
+    if match is None:
+        sampler.generate(prompts, max_new_tokens=1)
+        return
+    with pytest.raises(TypeError, match=match):
+        sampler.generate(prompts, max_new_tokens=1)
+
+
+def test_stream_rejects_a_number():
+    with pytest.raises(ValueError, match="stream takes one prompt.*got 5"):
+        _tiny_sampler().stream(5, max_new_tokens=1)
+
+
+def test_start_truncate_and_cache_are_checked():
+    sampler = _tiny_sampler()
+    first = sampler.generate([2, 3], max_new_tokens=2, max_len=16)
+    again = sampler.generate(
+        [4], max_new_tokens=1, cache=first.cache,
+        start=np.int64(first.lengths[0]),
+    )  # fmt: skip
+    assert len(again.tokens[0]) == 1
+    for start in (1.5, True):
+        with pytest.raises(TypeError, match="start must be an int"):
+            sampler.generate([4], max_new_tokens=1, start=start)
+    with pytest.raises(TypeError, match="truncate must be a bool, got 1"):
+        sampler.generate([4], max_new_tokens=1, truncate=1)
+    with pytest.raises(TypeError, match="cache must be a Cache"):
+        sampler.generate([4], max_new_tokens=1, cache="x")
+
+
+def test_sampler_checks_its_model_and_tokenizer():
+    with pytest.raises(TypeError, match="model must be a gemma_lab"):
+        Sampler(None)
+    with pytest.raises(TypeError, match="tokenizer must be a gemma_lab"):
+        Sampler(testing.tiny_model(0), "x")
