@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
-from gemma_lab.sampler import Sampler, SampleResult, _is_int
+from gemma_lab.sampler import Sampler, SampleResult, is_int
 from gemma_lab.tokenizer import Tokenizer, check_utf8
 from gemma_lab.vision.layout import IMAGE_MARKER
 
@@ -270,7 +270,7 @@ class ChatSession:
         if system is not None:
             check_utf8(system)
         context = sampler.model.config.max_seq_len
-        if not _is_int(max_len) or not 1 <= max_len <= context:
+        if not is_int(max_len) or not 1 <= max_len <= context:
             raise ValueError(
                 f"max_len must lie in [1, {context}] (the model's context), "
                 f"got {max_len!r}"
@@ -309,7 +309,7 @@ class ChatSession:
     def rewind(self, turns: int = 1) -> None:
         """Drops the last `turns` exchanges (user message and reply)."""
         exchanges = len(self._turns) // 2
-        if not _is_int(turns) or not 0 <= turns <= exchanges:
+        if not is_int(turns) or not 0 <= turns <= exchanges:
             raise ValueError(
                 f"turns must lie in [0, {exchanges}] (the exchanges so far), "
                 f"got {turns!r}"

@@ -313,7 +313,7 @@ SEED_LIMIT = 2**32
 """Seeds lie in [0, SEED_LIMIT): `jax.random.key` keeps 32 bits of a seed."""
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     """An int (NumPy ints included) that is not a bool."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
@@ -344,7 +344,7 @@ def _id_row(prompt, name: str) -> list[int]:
             f"{name} must be a str or a sequence of int ids, got {prompt!r}"
         )
     for j, t in enumerate(prompt):
-        if not _is_int(t):
+        if not is_int(t):
             raise TypeError(
                 f"{name} holds {t!r} at index {j}; expected int token ids"
             )
@@ -357,7 +357,7 @@ def _options(
     return_logprobs, return_logits,
 ) -> _Options:  # fmt: skip
     """Checked settings of one generation; ValueError names the argument."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(
             f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}"
         )
@@ -365,7 +365,7 @@ def _options(
         raise ValueError(
             f"temperature must be a finite number >= 0, got {temperature!r}"
         )
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     if top_k is not None and top_k > vocab_size:
         raise ValueError(
@@ -373,7 +373,7 @@ def _options(
         )
     if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
-    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+    if not is_int(seed) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     stop_ids = _stop_ids(stop_ids, vocab_size)
     stop_strings = _stop_strings(stop_strings, tokenizer)
@@ -396,7 +396,7 @@ def _stop_ids(stop_ids, vocab_size: int) -> tuple[int, ...]:
     ok = isinstance(stop_ids, Sequence | np.ndarray) and not isinstance(
         stop_ids, str | bytes
     )
-    if not ok or not all(_is_int(i) and 0 <= i < vocab_size for i in stop_ids):
+    if not ok or not all(is_int(i) and 0 <= i < vocab_size for i in stop_ids):
         raise ValueError(
             f"stop_ids must be a sequence of token ids in [0, {vocab_size}), "
             f"got {stop_ids!r}"
@@ -585,6 +585,8 @@ class Sampler:
                 image markers that differs from the images given, or a row
                 that does not fit the cache or context (unless `truncate`),
                 before any computation.
+            TypeError: a prompt that is not a text or int ids, or a
+                `start`, `truncate` or `cache` of the wrong type.
         """
         opts = self.check_options(
             max_new_tokens=max_new_tokens, temperature=temperature,
@@ -629,7 +631,7 @@ class Sampler:
         `generate`).
 
         Raises:
-            ValueError: as `generate`, when the iterator is made.
+            ValueError, TypeError: as `generate`, when the iterator is made.
 
         >>> pieces = sampler.stream("Once", max_new_tokens=8)  # doctest: +SKIP
         >>> print("".join(pieces))  # doctest: +SKIP
@@ -724,7 +726,7 @@ class Sampler:
     def _fit(self, rows, starts, opts, max_len, truncate, cache):
         """Checks (or truncates) rows against the cache; returns max_len."""
         context = self.model.config.max_seq_len
-        if max_len is not None and (not _is_int(max_len) or max_len < 1):
+        if max_len is not None and (not is_int(max_len) or max_len < 1):
             raise ValueError(
                 f"max_len must be an int >= 1 or None, got {max_len!r}"
             )
@@ -816,10 +818,10 @@ class Sampler:
                 "cache must be a Cache (a result's .cache, or "
                 f"Sampler.init_cache) or None, got {type(cache).__name__}"
             )
-        if _is_int(start):
+        if is_int(start):
             starts = [int(start)] * len(rows)
         elif isinstance(start, Sequence | np.ndarray) and all(
-            _is_int(s) for s in start
+            is_int(s) for s in start
         ):
             starts = [int(s) for s in start]
         else:
