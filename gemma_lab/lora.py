@@ -25,7 +25,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -236,28 +235,6 @@ def adapter_settings(model: Transformer) -> dict:
     return {"rank": first.rank, "alpha": first.alpha, "targets": targets}
 
 
-def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file and a rename.
-
-    A reader sees either the old file or the complete new one, never a
-    partial write, even when the process dies midway. The file gets the
-    usual umask-respecting mode (e.g. 0o644), not mkstemp's 0o600.
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        cache.chmod_as_new_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def adapter_tensors(model: Transformer) -> dict[str, np.ndarray]:
     """{"<path>.lora_a": A, "<path>.lora_b": B} as float32 numpy arrays."""
     tensors = {}
@@ -294,7 +271,7 @@ def save_adapter(model: Transformer, path: os.PathLike) -> pathlib.Path:
         "base": base_identity(model),
     }
     data = save(adapter_tensors(model), metadata=metadata)
-    atomic_write_bytes(path, data)
+    cache.atomic_write_bytes(data, path)
     return pathlib.Path(path)
 
 

@@ -52,13 +52,20 @@ def chmod_as_new_file(path: os.PathLike) -> None:
 
 
 def atomic_write_bytes(data: bytes, path: os.PathLike) -> None:
-    """Writes bytes through a temporary file and a rename."""
+    """Writes bytes through a temporary file and a rename.
+
+    A reader sees either the old file or the complete new one, never a
+    partial write, even when the process dies midway. The file gets the
+    usual umask-respecting mode (e.g. 0o644), not mkstemp's 0o600.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         chmod_as_new_file(tmp)
         os.replace(tmp, path)
     finally:
