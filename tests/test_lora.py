@@ -185,6 +185,18 @@ def _state_arrays(model):
     ]
 
 
+def _assert_failed_load_changes_nothing(model, path, match):
+    """Loading `path` raises AdapterMismatchError matching `match`, and the
+    model's state (structure and every array) is as before."""
+    structure, leaves = _state_arrays(model)
+    with pytest.raises(lora.AdapterMismatchError, match=match):
+        lora.load_adapter(model, path)
+    after_structure, after_leaves = _state_arrays(model)
+    assert after_structure == structure
+    for old, new in zip(leaves, after_leaves, strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
 @pytest.mark.parametrize("with_adapters", [False, True])
 def test_failed_load_leaves_the_model_unchanged(tmp_path, with_adapters):
     def cut(meta, tensors, last):  # a late tensor, after others would load
@@ -194,13 +206,7 @@ def test_failed_load_leaves_the_model_unchanged(tmp_path, with_adapters):
     model = testing.tiny_model()
     if with_adapters:
         lora.merge(lora.apply_lora(model, rank=4))
-    structure, leaves = _state_arrays(model)
-    with pytest.raises(lora.AdapterMismatchError, match=f"{last} has shape"):
-        lora.load_adapter(model, bad)
-    after_structure, after_leaves = _state_arrays(model)
-    assert after_structure == structure
-    for old, new in zip(leaves, after_leaves, strict=True):
-        np.testing.assert_array_equal(old, new)
+    _assert_failed_load_changes_nothing(model, bad, f"{last} has shape")
 
 
 def test_atomic_writes_respect_the_umask(tmp_path):
@@ -283,14 +289,8 @@ def test_bad_alpha_or_tensors_leave_the_model_unchanged(
     model = testing.tiny_model()
     if with_adapters:
         lora.apply_lora(model, rank=4)
-    structure, leaves = _state_arrays(model)
     match = match.replace("LAST", re.escape(last))
-    with pytest.raises(lora.AdapterMismatchError, match=match):
-        lora.load_adapter(model, bad)
-    after_structure, after_leaves = _state_arrays(model)
-    assert after_structure == structure
-    for old, new in zip(leaves, after_leaves, strict=True):
-        np.testing.assert_array_equal(old, new)
+    _assert_failed_load_changes_nothing(model, bad, match)
 
 
 def test_float16_adapter_tensors_are_cast_to_the_param_dtype(tmp_path):

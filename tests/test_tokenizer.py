@@ -282,15 +282,24 @@ def test_special_token_ids_are_gemma3s(tokenizer):
 # Building from files, and errors.
 
 
-def test_from_gguf_reads_a_small_written_vocabulary(tmp_path):
-    pieces, types = _small_vocabulary(
-        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>"]
-        + ["<end_of_turn>", "<start_of_image>", "<end_of_image>"]
-    )
+_GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>"] + [
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+]
+
+
+def _small_tokenizer(tmp_path):
+    """A Tokenizer read from a written GGUF file of a tiny vocabulary, and
+    the vocabulary's pieces."""
+    pieces, types = _small_vocabulary(_GEMMA3_SPECIALS)
     path = tmp_path / "small.gguf"
     _write_gguf(path, pieces, types)
+    return Tokenizer.from_gguf(path), pieces
 
-    small = Tokenizer.from_gguf(path)
+
+def test_from_gguf_reads_a_small_written_vocabulary(tmp_path):
+    small, pieces = _small_tokenizer(tmp_path)
     hi, space_hi = pieces.index("hi"), pieces.index("▁hi")
     assert small.vocab_size == len(pieces)
     assert small.encode("<start_of_turn>hi hi") == [2, 4, hi, space_hi]
@@ -298,13 +307,7 @@ def test_from_gguf_reads_a_small_written_vocabulary(tmp_path):
 
 
 def test_text_that_is_not_utf8_is_a_value_error(tmp_path):
-    pieces, types = _small_vocabulary(
-        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>"]
-        + ["<end_of_turn>", "<start_of_image>", "<end_of_image>"]
-    )
-    path = tmp_path / "small.gguf"
-    _write_gguf(path, pieces, types)
-    small = Tokenizer.from_gguf(path)
+    small, _ = _small_tokenizer(tmp_path)
     undecodable = b"caf\xe9".decode("utf-8", "surrogateescape")
     for text, position in [("a\ud800b", 1), (undecodable, 3)]:
         for special in (True, False):
