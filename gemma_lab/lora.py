@@ -175,17 +175,26 @@ def apply_lora(
         raise ValueError("model already carries LoRA adapters")
     alpha = 2.0 * rank if alpha is None else alpha
     rngs = rngs or nnx.Rngs(0)
-    found = []
-    for _, module in nnx.iter_modules(model):
-        for name in targets:
-            if isinstance(getattr(module, name, None), Linear):
-                found.append((module, name))
-    for module, name in found:
+    for _, module, name in _target_projections(model, targets):
         wrapped = LoRALinear(
             getattr(module, name), rank=rank, alpha=alpha, rngs=rngs
         )
         setattr(module, name, wrapped)
     return model
+
+
+def _target_projections(
+    model: nnx.Module, targets: tuple[str, ...]
+) -> list[tuple[str, nnx.Module, str]]:
+    """(dotted path, parent module, attribute) of each plain `Linear` that
+    `apply_lora` would wrap, listed before any is changed."""
+    found = []
+    for module_path, module in nnx.iter_modules(model):
+        for name in targets:
+            if isinstance(getattr(module, name, None), Linear):
+                path = ".".join(str(p) for p in (*module_path, name))
+                found.append((path, module, name))
+    return found
 
 
 def adapters(model: Transformer) -> dict[str, LoRALinear]:
@@ -421,15 +430,10 @@ def _expected_shapes(model, meta, path) -> dict[str, tuple[int, ...]]:
             f"adapter {str(path)!r} has rank {rank}, expected a positive int"
         )
     shapes = {}
-    for module_path, module in nnx.iter_modules(model):
-        for target in targets:
-            linear = getattr(module, target, None)
-            if not isinstance(linear, Linear):
-                continue
-            name = ".".join(str(p) for p in (*module_path, target))
-            in_features, out_features = linear.kernel[...].shape
-            shapes[f"{name}.lora_a"] = (in_features, rank)
-            shapes[f"{name}.lora_b"] = (rank, out_features)
+    for name, module, target in _target_projections(model, targets):
+        in_features, out_features = getattr(module, target).kernel[...].shape
+        shapes[f"{name}.lora_a"] = (in_features, rank)
+        shapes[f"{name}.lora_b"] = (rank, out_features)
     return shapes
 
 
