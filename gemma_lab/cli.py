@@ -129,24 +129,17 @@ def _generate(args, out) -> int:
 
 def _fitting_max_len(args, config) -> int:
     """`--max-len`, or its default, checked against the loaded model."""
-    context = config.max_seq_len
-    if args.top_k is not None and args.top_k > config.vocab_size:
-        raise ValueError(
-            f"--top-k must be <= the model's vocabulary size "
-            f"{config.vocab_size}, got {args.top_k}"
-        )
-    if args.max_len is not None and args.max_len > context:
-        raise ValueError(
-            f"--max-len must be <= the model's context {context}, got "
-            f"{args.max_len}"
-        )
-    max_len = args.max_len
-    if max_len is None:
-        max_len = min(DEFAULT_MAX_LEN, context)
-    problem = _check_room(args, max_len, args.max_len is None)
+    problem = _check_limits(args, config.max_seq_len, config.vocab_size)
     if problem:
         raise ValueError(problem)
-    return max_len
+    return _max_len(args, config.max_seq_len)
+
+
+def _max_len(args, context: int) -> int:
+    """`--max-len`, or its default: at most DEFAULT_MAX_LEN and `context`."""
+    if args.max_len is None:
+        return min(DEFAULT_MAX_LEN, context)
+    return args.max_len
 
 
 def _chat(args, out, lines) -> int:
@@ -237,13 +230,6 @@ def _check_options(args) -> str | None:
         )
     if args.top_k is not None and args.top_k < 1:
         return f"--top-k must be >= 1, got {args.top_k}"
-    # The vocabulary of a --checkpoint is only known once it is read.
-    vocab = GEMMA3_270M.vocab_size
-    if args.checkpoint is None and (args.top_k or 0) > vocab:
-        return (
-            f"--top-k must be <= the model's vocabulary size {vocab}, got "
-            f"{args.top_k}"
-        )
     if args.top_p is not None and not 0 < args.top_p <= 1:
         return f"--top-p must lie in (0, 1], got {args.top_p}"
     if not 0 <= args.seed < SEED_LIMIT:
@@ -270,22 +256,30 @@ def _check_texts(args) -> str | None:
 
 
 def _check_max_len(args) -> str | None:
-    """Whether `--max-len` leaves room for a prompt after the new tokens."""
-    # The model's own context is checked once it is read; before that, the
-    # preset of the embedded model, or the longest context of any preset.
-    context = max(c.max_seq_len for c in PRESETS.values())
+    """`_check_limits` before loading: the embedded model's context and
+    vocabulary, or for a --checkpoint the longest context of any preset
+    (its own context and vocabulary are checked once it is read)."""
     if args.checkpoint is None:
-        context = GEMMA3_270M.max_seq_len
+        config = GEMMA3_270M
+        return _check_limits(args, config.max_seq_len, config.vocab_size)
+    context = max(c.max_seq_len for c in PRESETS.values())
+    return _check_limits(args, context, None)
+
+
+def _check_limits(args, context: int, vocab_size: int | None) -> str | None:
+    """Whether `--top-k` fits the vocabulary (None: unknown yet) and
+    `--max-len` the context, with room for a prompt after the new tokens."""
+    if vocab_size is not None and (args.top_k or 0) > vocab_size:
+        return (
+            f"--top-k must be <= the model's vocabulary size {vocab_size}, "
+            f"got {args.top_k}"
+        )
     if args.max_len is not None and args.max_len > context:
         return (
             f"--max-len must be <= the model's context {context}, got "
             f"{args.max_len}"
         )
-    # The default is at most DEFAULT_MAX_LEN whatever the model's context.
-    max_len = args.max_len
-    if max_len is None:
-        max_len = min(DEFAULT_MAX_LEN, context)
-    return _check_room(args, max_len, args.max_len is None)
+    return _check_room(args, _max_len(args, context), args.max_len is None)
 
 
 def _check_room(args, max_len: int, default: bool) -> str | None:
