@@ -37,6 +37,7 @@ import tqdm.auto as tqdm
 from flax import nnx
 
 from gemma_lab.chat import check_messages
+from gemma_lab.sampler import greedy_tokens
 from gemma_lab.tokenizer import Tokenizer, check_utf8
 
 TOPICS = ("business", "entertainment", "politics", "sport", "tech")
@@ -325,7 +326,7 @@ def _greedy_ids(graphdef, state, tokens, positions, steps: int):
     model = nnx.merge(graphdef, state)
     cache = model.init_cache(tokens.shape[0], tokens.shape[1] + steps)
     out = model.forward(tokens, positions, cache=cache, return_logits=False)
-    first = jnp.argmax(model.logits(out.hidden[:, -1]), -1).astype(jnp.int32)
+    first = greedy_tokens(model.logits(out.hidden[:, -1]))
     next_position = positions[:, -1] + 1
 
     def step(carry, _):
@@ -333,8 +334,7 @@ def _greedy_ids(graphdef, state, tokens, positions, steps: int):
         out = model.forward(
             token[:, None], position[:, None], cache=cache, return_logits=False
         )
-        new = jnp.argmax(model.logits(out.hidden[:, -1]), -1)
-        new = new.astype(jnp.int32)
+        new = greedy_tokens(model.logits(out.hidden[:, -1]))
         return (new, position + 1, out.cache), new
 
     carry = (first, next_position, out.cache)

@@ -46,6 +46,7 @@ from gemma_lab.checkpoints.cache import atomic_write_bytes
 from gemma_lab.lora import LoRAParam
 from gemma_lab.model import Transformer
 from gemma_lab.multimodal import Gemma3Multimodal, ImageTokenIds
+from gemma_lab.sampler import greedy_tokens
 from gemma_lab.vision.encoder import VisionEncoder
 from gemma_lab.vision.layout import ImageLayout, batch_layouts, expand_images
 from gemma_lab.vision.preprocess import (
@@ -564,7 +565,7 @@ def _greedy_fn(model: Gemma3Multimodal):
         )
         hidden = jnp.take_along_axis(out.hidden, at[:, None, None], axis=1)
         logits = merged.language_model.logits(hidden[:, 0])
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
 
     return lambda *args: next_ids(state, *args)
 

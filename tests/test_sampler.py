@@ -15,6 +15,7 @@ from gemma_lab.sampler import (
     Sampler,
     bucket_length,
     greedy,
+    greedy_tokens,
     stable_text,
     top_k_logits,
     top_p_logits,
@@ -67,6 +68,19 @@ def test_bucket_length_rounds_up_to_powers_then_multiples_of_512():
         1024,
         1536,
     ]
+
+
+def test_greedy_tokens_equal_argmax_with_ties_and_nan():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 1000)).astype(np.float32)
+    logits[1, [7, 300]] = 9.0  # a tie: the first index wins
+    logits[2, :] = -np.inf
+    logits[3, [5, 900]] = np.nan  # NaN counts as largest, first one wins
+    logits[4, 999] = np.inf
+    got = np.asarray(greedy_tokens(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(got[:4], [got[0], 7, 0, 5])
+    assert got.dtype == np.int32
 
 
 def test_top_k_keeps_exactly_the_k_largest_logits():
