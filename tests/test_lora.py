@@ -52,6 +52,20 @@ def test_adapter_matches_a_naive_low_rank_update():
     np.testing.assert_allclose(layer(jnp.asarray(x)), expected, atol=1e-5)
 
 
+def test_low_rank_product_gradients_equal_autodiff():
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (6, 5))
+    a = jax.random.normal(keys[1], (5, 3))
+    b = jax.random.normal(keys[2], (3, 7))
+    g = jax.random.normal(keys[3], (6, 7))
+    out, pull = jax.vjp(lora.low_rank_product, x, a, b)
+    want_out, want_pull = jax.vjp(lambda x, a, b: (x @ a) @ b, x, a, b)
+    np.testing.assert_allclose(out, want_out, rtol=1e-6)
+    for got, want in zip(pull(g), want_pull(g), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_merged_and_unmerged_adapters_give_the_same_logits():
     model = lora.apply_lora(testing.tiny_model(), rank=4)
     _randomise_adapters(model)
