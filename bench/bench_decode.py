@@ -1,10 +1,12 @@
 """Prefill and decode speed: gemma_lab against transformers, same GGUF.
 
-    python bench/bench_decode.py [--steps 32] [--prompt-len 512]
+    python bench/bench_decode.py [--steps 32] [--prompt-len 512] [--rounds 3]
 
 Prints, for each library: compile (first call) time, prefill tokens/s for a
 --prompt-len prompt, greedy decode tokens/s at batch 1 and batch 8, whether
-the greedy tokens agree, and the process's peak resident memory.
+the greedy tokens agree, and the process's peak resident memory (after
+gemma_lab alone, then after both). The two libraries are loaded together
+and take turns, round by round; each speed is the median over the rounds.
 """
 
 from __future__ import annotations
@@ -21,33 +23,46 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_gemma_lab(model, tokenizer, prompt, args) -> dict:
+def _timed(fn, *args, **kwargs) -> tuple[float, object]:
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - start, out
+
+
+def gemma_lab_runs(model, tokenizer, prompt, args):
+    """(compile seconds, a function measuring one round) for gemma_lab."""
     from gemma_lab.sampler import Sampler
 
     sampler = Sampler(model, tokenizer)
     kw = dict(max_len=args.prompt_len + args.steps + 32, stop_ids=())
-    start = time.perf_counter()
-    # Compiles every shape measured below: the prompt's prefill bucket, and
-    # the short prompt's prefill and decode steps at batch 1 and 8.
-    sampler.generate(prompt, max_new_tokens=2, **kw)
-    for batch in (1, 8):
-        sampler.generate([prompt[:8]] * batch, max_new_tokens=2, **kw)
-    compile_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    sampler.generate(prompt, max_new_tokens=1, **kw)
-    prefill = len(prompt) / (time.perf_counter() - start)
-    rates, tokens = {}, None
-    for batch in (1, 8):
-        rows = [prompt[:8]] * batch
-        start = time.perf_counter()
-        out = sampler.generate(rows, max_new_tokens=args.steps, **kw)
-        rates[batch] = batch * args.steps / (time.perf_counter() - start)
-        tokens = tokens or out.tokens[0]
-    return dict(compile=compile_s, prefill=prefill, rates=rates, tokens=tokens)
+    def warm_up():
+        # Compiles every shape measured below: the prompt's prefill bucket,
+        # and the short prompt's prefill and decode steps at batch 1 and 8.
+        sampler.generate(prompt, max_new_tokens=2, **kw)
+        for batch in (1, 8):
+            sampler.generate([prompt[:8]] * batch, max_new_tokens=2, **kw)
+
+    compile_s, _ = _timed(warm_up)
+
+    def measure() -> dict:
+        prefill, _ = _timed(sampler.generate, prompt, max_new_tokens=1, **kw)
+        rates, outs = {}, {}
+        for batch in (1, 8):
+            rows = [prompt[:8]] * batch
+            seconds, outs[batch] = _timed(
+                sampler.generate, rows, max_new_tokens=args.steps, **kw
+            )
+            rates[batch] = batch * args.steps / seconds
+        tokens = list(outs[1].tokens[0])
+        return dict(prefill=len(prompt) / prefill, rates=rates, tokens=tokens)
+
+    return compile_s, measure
 
 
-def bench_transformers(path, prompt, args) -> dict:
+def transformers_runs(path, prompt, args):
+    """(load seconds, a function measuring one round) for transformers."""
     import torch
     import transformers
 
@@ -58,6 +73,15 @@ def bench_transformers(path, prompt, args) -> dict:
     ).eval()
     load_s = time.perf_counter() - start
     ids = torch.tensor([prompt])
+
+    def generate(batch):
+        return model.generate(
+            torch.tensor([prompt[:8]] * batch),
+            max_new_tokens=args.steps,
+            min_new_tokens=args.steps,
+            do_sample=False,
+        )
+
     with torch.inference_mode():
         for batch in (1, 8):  # First calls set up kernels and caches.
             model.generate(
@@ -65,28 +89,36 @@ def bench_transformers(path, prompt, args) -> dict:
                 max_new_tokens=2,
                 do_sample=False,
             )
-        start = time.perf_counter()
-        model(ids)
-        prefill = len(prompt) / (time.perf_counter() - start)
-        rates, tokens = {}, None
+
+    @torch.inference_mode()
+    def measure() -> dict:
+        prefill, _ = _timed(model, ids)
+        rates, outs = {}, {}
         for batch in (1, 8):
-            rows = torch.tensor([prompt[:8]] * batch)
-            start = time.perf_counter()
-            out = model.generate(
-                rows,
-                max_new_tokens=args.steps,
-                min_new_tokens=args.steps,
-                do_sample=False,
-            )
-            rates[batch] = batch * args.steps / (time.perf_counter() - start)
-            tokens = tokens or out[0, 8:].tolist()
-    return dict(compile=load_s, prefill=prefill, rates=rates, tokens=tokens)
+            seconds, outs[batch] = _timed(generate, batch)
+            rates[batch] = batch * args.steps / seconds
+        tokens = outs[1][0, 8:].tolist()
+        return dict(prefill=len(prompt) / prefill, rates=rates, tokens=tokens)
+
+    return load_s, measure
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """The median of each measurement over rounds (tokens of the first)."""
+    return dict(
+        prefill=float(np.median([r["prefill"] for r in rounds])),
+        rates={
+            b: float(np.median([r["rates"][b] for r in rounds])) for b in (1, 8)
+        },
+        tokens=rounds[0]["tokens"],
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     import gemma_lab
@@ -96,11 +128,19 @@ def main() -> None:
     text = " ".join(f"Line {i} of a long and plain text." for i in range(200))
     prompt = tokenizer.encode(text)[: args.prompt_len]
 
-    ours = bench_gemma_lab(model, tokenizer, prompt, args)
-    ours["peak"] = _peak_mb()
-    theirs = bench_transformers(path, prompt, args)
-    theirs["peak"] = _peak_mb()
+    ours_compile, ours_measure = gemma_lab_runs(model, tokenizer, prompt, args)
+    ours_peak = _peak_mb()
+    theirs_load, theirs_measure = transformers_runs(path, prompt, args)
+    theirs_peak = _peak_mb()
+    # The libraries take turns, round by round, so that other work on the
+    # machine slows both alike; each figure is the median over the rounds.
+    rounds = [(ours_measure(), theirs_measure()) for _ in range(args.rounds)]
+    ours = median_round([r[0] for r in rounds])
+    theirs = median_round([r[1] for r in rounds])
+    ours.update(compile=ours_compile, peak=ours_peak)
+    theirs.update(compile=theirs_load, peak=theirs_peak)
 
+    print(f"median of {args.rounds} alternating rounds")
     print(f"{'':28}{'gemma_lab':>12}{'transformers':>14}")
     rows = [
         ("compile / load (s)", "compile"),
