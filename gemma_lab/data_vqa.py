@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -229,3 +230,51 @@ def balance_presence(examples: Sequence[VQAExample]) -> list[VQAExample]:
     )
     repeats = absent // len(present) - 1 if present else 0
     return [*examples, *(present * max(repeats, 0))]
+
+
+def presence_twins(
+    examples: Sequence[VQAExample], *, seed: int
+) -> list[VQAExample]:
+    """Yes/no questions, each followed by a twin with the opposite answer.
+
+    The twin names another word of the same kind: when the question's
+    colour (or shape) is in the image, a colour that is not, chosen by
+    `seed`; when it is not, the image's own colour. So the two questions
+    differ in one word and only the image tells them apart, which leaves
+    no answer that the question's wording alone predicts. The image's words
+    come from `image_captions`; questions whose word of that kind is not
+    known get no twin and are left out.
+
+    Args:
+        examples: questions with answers, e.g. a training split.
+        seed: picks the absent words.
+
+    Returns:
+        [question, twin, question, twin, ...] for the yes/no questions.
+    """
+    captions = image_captions(examples)
+    _, rows = unique_images(examples)
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for example, row in zip(examples, rows, strict=True):
+        if example.answer not in ("yes", "no"):
+            continue
+        named = [w for w in example.question.split() if w in COLOURS + SHAPES]
+        if not named:
+            continue
+        word = named[0]
+        kind = COLOURS if word in COLOURS else SHAPES
+        truth = next((w for w in captions[row].split() if w in kind), None)
+        if truth is None:
+            continue
+        if word == truth:
+            other = str(rng.choice([w for w in kind if w != truth]))
+        else:
+            other = truth
+        twin = dataclasses.replace(
+            example,
+            question=re.sub(rf"\b{word}\b", other, example.question),
+            answer="no" if example.answer == "yes" else "yes",
+        )
+        pairs += [example, twin]
+    return pairs

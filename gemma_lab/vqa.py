@@ -479,6 +479,7 @@ def train_projector(
     batch_size: int = 8,
     learning_rate: float = 3e-3,
     seed: int = 0,
+    group: int = 1,
     progress: bool = True,
     checkpoint_every: int = 0,
     on_checkpoint=None,
@@ -495,6 +496,9 @@ def train_projector(
             epoch, order fixed by `seed`).
         learning_rate: peak of a warmup + cosine schedule for Adam.
         seed: shuffles the examples.
+        group: examples are shuffled in runs of this many consecutive ones,
+            which stay together in a batch (a question and its twin, see
+            `data_vqa.presence_twins`); must divide `batch_size`.
         progress: show a progress bar with the loss.
         checkpoint_every: every this many steps (0: never), write the
             trained parameters into `model` and call `on_checkpoint()`.
@@ -513,11 +517,16 @@ def train_projector(
             f"steps={steps}, batch_size={batch_size}; expected steps > 0 "
             f"and 0 < batch_size <= {count} examples."
         )
+    if group <= 0 or batch_size % group:
+        raise ValueError(
+            f"group={group}; expected a positive divisor of "
+            f"batch_size={batch_size}."
+        )
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, max(1, steps // 10), steps, learning_rate / 10
     )
     step, params, opt_state = make_train_step(model, optax.adam(schedule))
-    order = _epoch_order(count, batch_size, steps, seed)
+    order = _epoch_order(count, batch_size, steps, seed, group)
 
     losses = []
     bar = tqdm(range(steps), desc="projector", disable=not progress)
@@ -537,10 +546,19 @@ def train_projector(
     return losses
 
 
-def _epoch_order(count, batch_size, steps, seed) -> np.ndarray:
+def _epoch_order(count, batch_size, steps, seed, group=1) -> np.ndarray:
+    """Example indices for `steps` batches: epochs of shuffled runs of
+    `group` consecutive examples (a trailing partial run is left out)."""
     rng = np.random.default_rng(seed)
-    epochs = -(-steps * batch_size // count)
-    return np.concatenate([rng.permutation(count) for _ in range(epochs)])
+    units = count // group
+    epochs = -(-steps * batch_size // (units * group))
+    runs = np.arange(group)
+    return np.concatenate(
+        [
+            (rng.permutation(units)[:, None] * group + runs).ravel()
+            for _ in range(epochs)
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------

@@ -106,6 +106,40 @@ def test_balancing_repeats_yes_no_questions_about_present_things():
     )
 
 
+def test_twins_differ_in_one_word_and_in_the_answer():
+    examples = data_vqa.load_split("train")[:3000]
+    twins = data_vqa.presence_twins(examples, seed=0)
+    assert len(twins) > 1000 and len(twins) % 2 == 0
+    captions = data_vqa.image_captions(examples)
+    paths, rows = data_vqa.unique_images(examples)
+    row_of = dict(zip(paths, range(len(paths)), strict=True))
+    for question, twin in zip(twins[::2], twins[1::2], strict=True):
+        assert question in examples
+        assert twin.image_path == question.image_path
+        assert {question.answer, twin.answer} == {"yes", "no"}
+        words, twin_words = question.question.split(), twin.question.split()
+        changed = [
+            (a, b) for a, b in zip(words, twin_words, strict=True) if a != b
+        ]
+        assert len(changed) == 1
+        # Exactly one of the two names what the image shows.
+        caption = captions[row_of[question.image_path]].split()
+        assert (changed[0][0] in caption) != (changed[0][1] in caption)
+        assert data_vqa.names_present(question) != (
+            data_vqa.names_present(twin)
+        )
+    assert twins == data_vqa.presence_twins(examples, seed=0)
+
+
+def test_grouped_order_keeps_runs_together_and_covers_every_example():
+    order = vqa._epoch_order(10, 4, 5, seed=0, group=2)
+    assert len(order) >= 5 * 4
+    pairs = order.reshape(-1, 2)
+    assert (pairs[:, 0] % 2 == 0).all()
+    assert (pairs[:, 1] == pairs[:, 0] + 1).all()
+    assert sorted(order[:10]) == list(range(10))
+
+
 def test_presence_reads_the_answer_and_the_negation():
     def example(question, answer):
         return data_vqa.VQAExample(question, answer, 0, pathlib.Path("0.png"))
