@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if min(args.steps, args.rounds) < 1 or args.prompt_len < 8:
+        parser.error("--steps and --rounds must be >= 1, --prompt-len >= 8")
 
     import gemma_lab
 

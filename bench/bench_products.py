@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    if min(args.rows, args.repeats) < 1:
+        parser.error("--rows and --repeats must be >= 1")
     config, b, n = GEMMA3_270M, args.rows, args.repeats
     rng = np.random.default_rng(0)
     v, d = config.vocab_size, config.width

@@ -100,7 +100,15 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="continue training from the projector and adapter in --output",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    from gemma_lab.lora import TARGETS
+
+    unknown = sorted(set(args.lora_targets) - set(TARGETS))
+    if unknown:
+        parser.error(f"--lora-targets: unknown {unknown}; use {TARGETS}")
+    if args.twins and args.batch_size % 2:
+        parser.error("--twins needs an even --batch-size (pairs share a batch)")
+    return args
 
 
 def vqa_tokens_per_image() -> int:
