@@ -94,8 +94,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args()
-    if min(args.steps, args.batch_size, args.seq_len, args.rank) < 1:
-        parser.error("--steps, --batch-size, --seq-len and --rank must be >= 1")
+    if min(args.steps, args.batch_size, args.rank) < 1 or args.seq_len < 8:
+        parser.error(
+            "--steps, --batch-size and --rank must be >= 1, --seq-len >= 8 "
+            "(the loss reads up to 8 answer positions)"
+        )
 
     model, tokenizer = gemma_lab.load(progress=False)
     config, step_batches = batches(args, tokenizer)

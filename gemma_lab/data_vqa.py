@@ -252,6 +252,7 @@ def presence_twins(
     Returns:
         [question, twin, question, twin, ...] for the yes/no questions.
     """
+    examples = list(examples)
     captions = image_captions(examples)
     _, rows = unique_images(examples)
     rng = np.random.default_rng(seed)
@@ -259,7 +260,8 @@ def presence_twins(
     for example, row in zip(examples, rows, strict=True):
         if example.answer not in ("yes", "no"):
             continue
-        named = [w for w in example.question.split() if w in COLOURS + SHAPES]
+        words = example.question.rstrip("?").split()
+        named = [w for w in words if w in COLOURS + SHAPES]
         if not named:
             continue
         word = named[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import pathlib
 
@@ -77,11 +78,26 @@ def low_rank_product(
     copying every [N, O] output gradient into a transposed layout, which
     autodiff's version of the same products led to: about a fifth of a
     LoRA training step of the 270M (see `bench/bench_train.py`).
+
+    Raises:
+        ValueError: x, a and b are not 2-D with matching inner sizes.
     """
+    _check_low_rank(x, a, b)
     return (x @ a) @ b
 
 
+def _check_low_rank(x, a, b) -> None:
+    if not (x.ndim == a.ndim == b.ndim == 2) or (
+        x.shape[1] != a.shape[0] or a.shape[1] != b.shape[0]
+    ):
+        raise ValueError(
+            f"low_rank_product needs x [N, I], a [I, R], b [R, O]; got "
+            f"{x.shape}, {a.shape}, {b.shape}"
+        )
+
+
 def _low_rank_forward(x, a, b):
+    _check_low_rank(x, a, b)
     down = x @ a
     return down @ b, (x, down, a, b)
 
@@ -89,7 +105,10 @@ def _low_rank_forward(x, a, b):
 def _low_rank_backward(saved, g):
     x, down, a, b = saved
     g_down = g @ b.T
-    return g_down @ a.T, x.T @ g_down, down.T @ g
+    grads = (g_down @ a.T, x.T @ g_down, down.T @ g)
+    # Each gradient in its input's dtype, as autodiff gives it.
+    inputs = (x, a, b)
+    return tuple(d.astype(v.dtype) for d, v in zip(grads, inputs, strict=True))
 
 
 low_rank_product.defvjp(_low_rank_forward, _low_rank_backward)
@@ -113,7 +132,9 @@ class LoRALinear(nnx.Module):
         dtype = base.kernel[...].dtype
         bound = 1.0 / np.sqrt(in_features)
         init = nnx.initializers.uniform(2 * bound)
-        a = init(rngs.params(), (in_features, rank), dtype) - bound
+        a = (init(rngs.params(), (in_features, rank), dtype) - bound).astype(
+            dtype
+        )
         self.base = base
         self.lora_a = LoRAParam(a)
         self.lora_b = LoRAParam(jnp.zeros((rank, out_features), dtype))
@@ -165,9 +186,10 @@ class LoRALinear(nnx.Module):
 def _check_targets(targets) -> tuple[str, ...]:
     targets = tuple(targets)
     unknown = [t for t in targets if t not in TARGETS]
-    if not targets or unknown:
+    if not targets or unknown or len(set(targets)) < len(targets):
         raise ValueError(
-            f"targets must be a non-empty subset of {TARGETS}, got {targets}"
+            f"targets must be a non-empty subset of {TARGETS} without "
+            f"repeats, got {targets}"
         )
     return targets
 
@@ -193,19 +215,30 @@ def apply_lora(
         `model` itself, now with adapters equal to zero updates.
 
     Raises:
-        ValueError: bad rank or targets, or the model already has adapters.
+        ValueError: bad rank, alpha or targets (unknown or repeated), or
+            the model already has adapters.
 
     >>> from gemma_lab import testing
     >>> model = apply_lora(testing.tiny_model(), rank=4)
     >>> len(adapters(model))
     28
     """
-    if not isinstance(rank, int) or rank <= 0:
+    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool):
         raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if rank <= 0:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    rank = int(rank)
     targets = _check_targets(targets)
     if adapters(model):
         raise ValueError("model already carries LoRA adapters")
     alpha = 2.0 * rank if alpha is None else alpha
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    alpha = value
     rngs = rngs or nnx.Rngs(0)
     for _, module, name in _target_projections(model, targets):
         wrapped = LoRALinear(

@@ -46,7 +46,7 @@ from gemma_lab.checkpoints.cache import atomic_write_bytes
 from gemma_lab.lora import LoRAParam
 from gemma_lab.model import Transformer
 from gemma_lab.multimodal import Gemma3Multimodal, ImageTokenIds
-from gemma_lab.sampler import greedy_tokens
+from gemma_lab.sampler import greedy_tokens, is_int
 from gemma_lab.vision.encoder import VisionEncoder
 from gemma_lab.vision.layout import ImageLayout, batch_layouts, expand_images
 from gemma_lab.vision.preprocess import (
@@ -508,10 +508,26 @@ def train_projector(
         The loss of every step; `model` holds the trained parameters.
 
     Raises:
-        ValueError: on non-positive `steps` or `batch_size`, or a
-            `batch_size` larger than the number of examples.
+        ValueError: on non-int or non-positive `steps`, `batch_size` or
+            `group`, a `batch_size` larger than the number of examples or
+            not a multiple of `group`, a `learning_rate` that is not a
+            number > 0, or `checkpoint_every` without `on_checkpoint`.
     """
     count = len(image_index)
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if not is_int(value):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if not is_int(group):
+        raise ValueError(f"group must be an int, got {group!r}")
+    if not _is_positive_number(learning_rate):
+        raise ValueError(
+            f"learning_rate must be a finite number > 0, got {learning_rate!r}"
+        )
+    if checkpoint_every and on_checkpoint is None:
+        raise ValueError(
+            f"checkpoint_every={checkpoint_every} needs an on_checkpoint "
+            "function to call"
+        )
     if steps <= 0 or not 0 < batch_size <= count:
         raise ValueError(
             f"steps={steps}, batch_size={batch_size}; expected steps > 0 "
@@ -522,8 +538,9 @@ def train_projector(
             f"group={group}; expected a positive divisor of "
             f"batch_size={batch_size}."
         )
+    warmup = max(1, steps // 10)
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, max(1, steps // 10), steps, learning_rate / 10
+        0.0, learning_rate, warmup, max(steps, warmup + 1), learning_rate / 10
     )
     step, params, opt_state = make_train_step(model, optax.adam(schedule))
     order = _epoch_order(count, batch_size, steps, seed, group)
@@ -544,6 +561,13 @@ def train_projector(
             on_checkpoint()
     nnx.update(model, params)
     return losses
+
+
+def _is_positive_number(value) -> bool:
+    try:
+        return math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _epoch_order(count, batch_size, steps, seed, group=1) -> np.ndarray:

@@ -66,6 +66,35 @@ def test_low_rank_product_gradients_equal_autodiff():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_low_rank_product_rejects_inputs_that_are_not_matrices():
+    with pytest.raises(ValueError, match=r"x \[N, I\]"):
+        lora.low_rank_product(
+            jnp.ones((2, 5, 8)), jnp.ones((8, 3)), jnp.ones((3, 6))
+        )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(rank=2, targets=("q_proj", "k_proj", "q_proj")),
+        dict(rank=True),
+        dict(rank=2, alpha=0.0),
+        dict(rank=2, alpha=float("nan")),
+    ],
+)
+def test_bad_settings_are_rejected_before_any_wrapping(settings):
+    model = testing.tiny_model()
+    with pytest.raises(ValueError, match="rank|alpha|targets"):
+        lora.apply_lora(model, **settings)
+    assert not lora.adapters(model)
+
+
+def test_adapters_of_a_bfloat16_model_are_bfloat16():
+    model = testing.tiny_model(param_dtype=jnp.bfloat16)
+    layer = lora.apply_lora(model, rank=2).layers[0].mlp.up_proj
+    assert layer.lora_a[...].dtype == layer.lora_b[...].dtype == jnp.bfloat16
+
+
 def test_merged_and_unmerged_adapters_give_the_same_logits():
     model = lora.apply_lora(testing.tiny_model(), rank=4)
     _randomise_adapters(model)

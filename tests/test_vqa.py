@@ -117,7 +117,8 @@ def test_twins_differ_in_one_word_and_in_the_answer():
         assert question in examples
         assert twin.image_path == question.image_path
         assert {question.answer, twin.answer} == {"yes", "no"}
-        words, twin_words = question.question.split(), twin.question.split()
+        words = question.question.rstrip("?").split()
+        twin_words = twin.question.rstrip("?").split()
         changed = [
             (a, b) for a, b in zip(words, twin_words, strict=True) if a != b
         ]
@@ -129,6 +130,25 @@ def test_twins_differ_in_one_word_and_in_the_answer():
             data_vqa.names_present(twin)
         )
     assert twins == data_vqa.presence_twins(examples, seed=0)
+    # Questions that end in their word ("... a triangle?") get twins too.
+    last_words = {q.question.rstrip("?").split()[-1] for q in twins[::2]}
+    assert last_words & set(data_vqa.SHAPES)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(steps=2.5), "steps must be an int"),
+        (dict(group=2.0), "group must be an int"),
+        (dict(group=3), "group=3"),
+        (dict(learning_rate=float("nan")), "learning_rate"),
+        (dict(checkpoint_every=1), "on_checkpoint"),
+    ],
+)
+def test_train_projector_checks_its_settings_first(settings, message):
+    kwargs = dict(steps=2, batch_size=2, progress=False) | settings
+    with pytest.raises(ValueError, match=message):
+        vqa.train_projector(None, None, np.zeros(4, np.int32), None, **kwargs)
 
 
 def test_grouped_order_keeps_runs_together_and_covers_every_example():
