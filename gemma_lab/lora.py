@@ -130,11 +130,9 @@ class LoRALinear(nnx.Module):
     def __init__(self, base: Linear, *, rank: int, alpha: float, rngs):
         in_features, out_features = base.kernel[...].shape
         dtype = base.kernel[...].dtype
-        bound = 1.0 / np.sqrt(in_features)
+        bound = 1.0 / math.sqrt(in_features)  # a Python float keeps dtype
         init = nnx.initializers.uniform(2 * bound)
-        a = (init(rngs.params(), (in_features, rank), dtype) - bound).astype(
-            dtype
-        )
+        a = init(rngs.params(), (in_features, rank), dtype) - bound
         self.base = base
         self.lora_a = LoRAParam(a)
         self.lora_b = LoRAParam(jnp.zeros((rank, out_features), dtype))
@@ -223,9 +221,8 @@ def apply_lora(
     >>> len(adapters(model))
     28
     """
-    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool):
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if rank <= 0:
+    is_int = isinstance(rank, numbers.Integral) and not isinstance(rank, bool)
+    if not is_int or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     rank = int(rank)
     targets = _check_targets(targets)
