@@ -514,11 +514,13 @@ def train_projector(
             number > 0, or `checkpoint_every` without `on_checkpoint`.
     """
     count = len(image_index)
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
+    for name, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("group", group),
+    ):
         if not is_int(value):
             raise ValueError(f"{name} must be an int, got {value!r}")
-    if not is_int(group):
-        raise ValueError(f"group must be an int, got {group!r}")
     if not _is_positive_number(learning_rate):
         raise ValueError(
             f"learning_rate must be a finite number > 0, got {learning_rate!r}"
