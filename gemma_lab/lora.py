@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import os
 import pathlib
 
@@ -34,6 +33,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from gemma_lab.checkpoints import cache
+from gemma_lab.checks import is_int, is_positive_real
 from gemma_lab.layers import Linear
 from gemma_lab.model import Transformer
 
@@ -221,21 +221,16 @@ def apply_lora(
     >>> len(adapters(model))
     28
     """
-    is_int = isinstance(rank, numbers.Integral) and not isinstance(rank, bool)
-    if not is_int or rank <= 0:
+    if not is_int(rank) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     rank = int(rank)
     targets = _check_targets(targets)
     if adapters(model):
         raise ValueError("model already carries LoRA adapters")
     alpha = 2.0 * rank if alpha is None else alpha
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
+    if not is_positive_real(alpha):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    alpha = value
+    alpha = float(alpha)
     rngs = rngs or nnx.Rngs(0)
     for _, module, name in _target_projections(model, targets):
         wrapped = LoRALinear(
@@ -395,7 +390,7 @@ def read_adapter(path: os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         raise AdapterMismatchError(
             f"adapter {str(path)!r} has unreadable metadata: {error}"
         ) from error
-    if not (math.isfinite(meta["alpha"]) and meta["alpha"] > 0):
+    if not is_positive_real(meta["alpha"]):
         raise AdapterMismatchError(
             f"adapter {str(path)!r} has alpha {meta['alpha']}, expected a "
             "finite number > 0"

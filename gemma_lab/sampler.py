@@ -45,6 +45,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from gemma_lab.attention import LayerCache
+from gemma_lab.checks import is_int, is_real
 from gemma_lab.model import Cache, Transformer
 from gemma_lab.multimodal import Gemma3Multimodal, prepare_prompt
 from gemma_lab.tokenizer import Tokenizer
@@ -327,16 +328,6 @@ SEED_LIMIT = 2**32
 """Seeds lie in [0, SEED_LIMIT): `jax.random.key` keeps 32 bits of a seed."""
 
 
-def is_int(value) -> bool:
-    """An int (NumPy ints included) that is not a bool."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    """A real number (int or float, NumPy included) that is not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _is_ids(prompt) -> bool:
     """Whether `prompt` is one prompt of ids (not a text or a batch)."""
     if isinstance(prompt, np.ndarray | jax.Array):
@@ -375,7 +366,7 @@ def _options(
         raise ValueError(
             f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}"
         )
-    if not _is_real(temperature) or not 0 <= temperature < math.inf:
+    if not is_real(temperature) or not 0 <= temperature < math.inf:
         raise ValueError(
             f"temperature must be a finite number >= 0, got {temperature!r}"
         )
@@ -385,7 +376,7 @@ def _options(
         raise ValueError(
             f"top_k must be <= the vocabulary size {vocab_size}, got {top_k}"
         )
-    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+    if top_p is not None and (not is_real(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
     if not is_int(seed) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")

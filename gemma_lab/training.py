@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import json
 import math
-import numbers
 import os
 import pathlib
 import shutil
@@ -41,6 +40,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from gemma_lab import lora
+from gemma_lab.checks import is_int, is_real
 from gemma_lab.model import Transformer
 
 
@@ -148,9 +148,7 @@ def check_sequences(
                 "the first item of (ids, prompt length)"
             )
         for token in ids:
-            if isinstance(token, (bool, np.bool_)) or not isinstance(
-                token, numbers.Integral
-            ):
+            if not is_int(token):
                 raise ValueError(
                     f"{where} holds id {token!r} ({type(token).__name__}); "
                     "expected ints"
@@ -160,9 +158,7 @@ def check_sequences(
                     f"{where} holds token id {token}, outside the "
                     f"model's vocabulary [0, {vocab_size})"
                 )
-        if isinstance(prompt_len, (bool, np.bool_)) or not isinstance(
-            prompt_len, numbers.Integral
-        ):
+        if not is_int(prompt_len):
             raise ValueError(
                 f"{where} has prompt length {prompt_len!r} "
                 f"({type(prompt_len).__name__}); expected an int"
@@ -350,7 +346,7 @@ _COUNTS = (
 
 def _check_int(name: str, value) -> None:
     """Raises TypeError unless `value` is an integer (bool is not one)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(
             f"TrainConfig.{name} must be an int, got {value!r} "
             f"({type(value).__name__})"
@@ -359,7 +355,7 @@ def _check_int(name: str, value) -> None:
 
 def _check_float(name: str, value) -> None:
     """Raises TypeError/ValueError unless `value` is a finite real number."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(
             f"TrainConfig.{name} must be a number, got {value!r} "
             f"({type(value).__name__})"
