@@ -43,10 +43,11 @@ from tqdm.auto import tqdm
 
 from gemma_lab.attention import attention_mask
 from gemma_lab.checkpoints.cache import atomic_write_bytes
+from gemma_lab.checks import is_int, is_positive_real
 from gemma_lab.lora import LoRAParam
 from gemma_lab.model import Transformer
 from gemma_lab.multimodal import Gemma3Multimodal, ImageTokenIds
-from gemma_lab.sampler import greedy_tokens, is_int
+from gemma_lab.sampler import greedy_tokens
 from gemma_lab.vision.encoder import VisionEncoder
 from gemma_lab.vision.layout import ImageLayout, batch_layouts, expand_images
 from gemma_lab.vision.preprocess import (
@@ -521,7 +522,7 @@ def train_projector(
     ):
         if not is_int(value):
             raise ValueError(f"{name} must be an int, got {value!r}")
-    if not _is_positive_number(learning_rate):
+    if not is_positive_real(learning_rate):
         raise ValueError(
             f"learning_rate must be a finite number > 0, got {learning_rate!r}"
         )
@@ -563,13 +564,6 @@ def train_projector(
             on_checkpoint()
     nnx.update(model, params)
     return losses
-
-
-def _is_positive_number(value) -> bool:
-    try:
-        return math.isfinite(float(value)) and float(value) > 0
-    except (TypeError, ValueError):
-        return False
 
 
 def _epoch_order(count, batch_size, steps, seed, group=1) -> np.ndarray:
