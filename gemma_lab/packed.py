@@ -100,8 +100,18 @@ def matvec(x: Float[Array, "... C"], matrix: PackedMatrix) -> Array:
     float32 weights are never written out. It does not for several rows, nor
     for a product with batch axes, hence the reshape and `single_token`.
     """
+    _check_width(x, matrix)
     rows = _computed_once(x.reshape(-1, x.shape[-1])) @ unpack(matrix).T
     return rows.reshape(*x.shape[:-1], rows.shape[-1])
+
+
+def _check_width(x: Array, matrix: PackedMatrix) -> None:
+    """Raises ValueError unless x's last axis is the matrix's C."""
+    if x.ndim == 0 or x.shape[-1] != matrix.shape[1]:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}; expected a last axis of "
+            f"{matrix.shape[1]} for a packed {matrix.shape} matrix"
+        )
 
 
 def _computed_once(x: Array) -> Array:
@@ -133,6 +143,7 @@ def matmul(x: Float[Array, "... C"], matrix: PackedMatrix) -> Array:
     multiplied as weights @ x.T, which the CPU runs about a third faster
     than x @ weights.T for a few rows (`bench/bench_products.py`).
     """
+    _check_width(x, matrix)
     r, c = matrix.shape
     rows = x.reshape(-1, c)
     chunk = math.gcd(r, _CHUNK_ROWS)

@@ -105,6 +105,14 @@ def test_matmul_unpacks_chunk_by_chunk_exactly():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+def test_products_name_an_input_of_the_wrong_width():
+    matrix = _random_packed(np.random.default_rng(4), 64, 32, 16, False)
+    for rows in (1, 3):
+        x = jnp.ones((rows, 31))
+        with pytest.raises(ValueError, match=r"last axis of 32 .*\(64, 32\)"):
+            packed.product(x, matrix)
+
+
 def test_attach_rejects_a_copy_that_is_not_exact():
     model = tiny_model()
     kernel = model.layers[0].attn.q_proj.kernel[...]
