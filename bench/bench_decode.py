@@ -127,8 +127,11 @@ def main() -> None:
 
     path = str(gemma_lab.default_checkpoint())
     model, tokenizer = gemma_lab.load(path, progress=False)
-    text = " ".join(f"Line {i} of a long and plain text." for i in range(200))
+    # About ten tokens a line: enough lines for any --prompt-len.
+    lines = args.prompt_len // 5 + 1
+    text = " ".join(f"Line {i} of a long and plain text." for i in range(lines))
     prompt = tokenizer.encode(text)[: args.prompt_len]
+    assert len(prompt) == args.prompt_len, (len(prompt), args.prompt_len)
 
     ours_compile, ours_measure = gemma_lab_runs(model, tokenizer, prompt, args)
     ours_peak = _peak_mb()
