@@ -280,3 +280,57 @@ def presence_twins(
         )
         pairs += [example, twin]
     return pairs
+
+
+def rationale_answers(examples: Sequence[VQAExample]) -> list[str | None]:
+    """Training targets that say what the image shows before yes or no.
+
+    A yes/no question names one colour ("is there a blue shape?") or one
+    shape ("is there not a circle?"); its target first names the image's
+    own word of that kind in the question's phrasing, then the answer:
+    "a red shape: no", "a circle: no". The model then decides by comparing
+    two phrases of text, the question's and its own, rather than a word
+    with the image's soft tokens. Colour and shape answers stay one word.
+    `final_answer` reads the answer back out of such a reply.
+
+    Args:
+        examples: questions with answers, e.g. a training split; the
+            image's words come from `image_captions(examples)`.
+
+    Returns:
+        One target per example; None for a yes/no question whose image's
+        word of the named kind no question reveals.
+    """
+    examples = list(examples)
+    captions = image_captions(examples)
+    _, rows = unique_images(examples)
+    targets: list[str | None] = []
+    for example, row in zip(examples, rows, strict=True):
+        if example.answer not in ("yes", "no"):
+            targets.append(example.answer)
+            continue
+        named = [
+            word
+            for word in example.question.rstrip("?").split()
+            if word in COLOURS + SHAPES
+        ]
+        kind = COLOURS if named and named[0] in COLOURS else SHAPES
+        truth = next((w for w in captions[row].split() if w in kind), None)
+        if not named or truth is None:
+            targets.append(None)
+        elif kind is COLOURS:
+            targets.append(f"a {truth} shape: {example.answer}")
+        else:
+            targets.append(f"a {truth}: {example.answer}")
+    return targets
+
+
+def final_answer(reply: str) -> str:
+    """The answer in a reply: the text after its last colon, stripped.
+
+    >>> final_answer("a red shape: no")
+    'no'
+    >>> final_answer(" circle ")
+    'circle'
+    """
+    return reply.rpartition(":")[2].strip()

@@ -28,6 +28,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image
 
+from gemma_lab.data_vqa import final_answer
+
 _TEXT, _MARKER, _SOFT = 0, 1, 2
 _KIND_COLOURS = ("#d9d9d9", "#fdae61", "#2c7bb6")
 _CMAP = "inferno"
@@ -156,7 +158,11 @@ def plot_answers(
     *,
     ncols: int = 4,
 ) -> Figure:
-    """Images with question, answer and expected answer as the title."""
+    """Images with question, reply and expected answer as the title.
+
+    A title is green when the reply's answer (after any rationale, see
+    `data_vqa.final_answer`) is the expected one, red otherwise.
+    """
     count = len(images)
     nrows = math.ceil(count / ncols)
     fig, axes = plt.subplots(
@@ -168,7 +174,7 @@ def plot_answers(
         axes.ravel(), images, questions, predicted, expected, strict=False
     ):
         ax.imshow(np.asarray(image))
-        good = got.strip().lower() == want.strip().lower()
+        good = final_answer(got).lower() == want.strip().lower()
         ax.set_title(
             f"{question}\nmodel: {got}  (expected: {want})",
             fontsize=7,

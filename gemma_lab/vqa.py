@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from gemma_lab.attention import attention_mask
 from gemma_lab.checkpoints.cache import atomic_write_bytes
 from gemma_lab.checks import is_int, is_positive_real
+from gemma_lab.data_vqa import final_answer
 from gemma_lab.lora import LoRAParam
 from gemma_lab.model import Transformer
 from gemma_lab.multimodal import Gemma3Multimodal, ImageTokenIds
@@ -144,8 +145,10 @@ PROMPT_TEMPLATE = (
 )
 """Gemma 3's chat turn with one image marker before the question."""
 
-MAX_ANSWER_TOKENS = 3
-"""K: answer positions per training row (answer tokens + <end_of_turn>)."""
+MAX_ANSWER_TOKENS = 6
+"""K: answer positions per training row (answer tokens + <end_of_turn>):
+room for a yes/no reply with its rationale, "a yellow shape: yes" (see
+`data_vqa.rationale_answers`)."""
 
 
 def vqa_prompt(question: str) -> str:
@@ -614,7 +617,7 @@ def answer_questions(
     features: Float[np.ndarray, "B P E"],
     questions: Sequence[str],
     *,
-    max_new_tokens: int = 1,
+    max_new_tokens: int = MAX_ANSWER_TOKENS,
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[str]:
@@ -622,8 +625,10 @@ def answer_questions(
 
     Each new token recomputes the whole (short) row, so every call has the
     shape [batch_size, T] and compiles once. Generation of a row stops at
-    `<end_of_turn>`; easy-vqa answers are one token, so the default
-    `max_new_tokens=1` reads the answer in one forward pass.
+    `<end_of_turn>`, and a batch stops when all its rows have. The shipped
+    model answers a colour or shape question in one word and a yes/no
+    question after naming what it sees ("a red shape: no"); `accuracy`
+    compares the part after the colon (`data_vqa.final_answer`).
 
     Args:
         model: the VQA model.
@@ -636,7 +641,7 @@ def answer_questions(
         progress: show a progress bar.
 
     Returns:
-        B decoded answers, stripped.
+        B decoded replies, stripped.
 
     Raises:
         ValueError: if features and questions differ in number, or
@@ -839,14 +844,18 @@ def load_vqa_model(
 
 
 def accuracy(predicted: Sequence[str], expected: Sequence[str]) -> float:
-    """Share of answers equal to the expected ones (case-insensitive)."""
+    """Share of replies whose answer equals the expected one.
+
+    A reply's answer is its text after the last colon, so "a red shape: no"
+    answers "no" (`data_vqa.final_answer`); case and spaces are ignored.
+    """
     if len(predicted) != len(expected) or not expected:
         raise ValueError(
             f"got {len(predicted)} predictions for {len(expected)} answers;"
             " expected equal, non-zero counts."
         )
     hits = [
-        p.strip().lower() == e.strip().lower()
+        final_answer(p).lower() == e.strip().lower()
         for p, e in zip(predicted, expected, strict=True)
     ]
     return float(np.mean(hits))

@@ -92,6 +92,12 @@ def parse_args() -> argparse.Namespace:
         "word and have the other answer (see data_vqa.presence_twins), "
         "with the colour and shape questions",
     )
+    parser.add_argument(
+        "--rationale",
+        action="store_true",
+        help="train yes/no answers after a phrase naming what the image "
+        'shows, "a red shape: no" (see data_vqa.rationale_answers)',
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=pathlib.Path, default=OUTPUT)
     parser.add_argument("--features-only", action="store_true")
@@ -236,6 +242,18 @@ def train_and_save(model, tokenizer, train, features, rows, args) -> None:
         named = [e for e in train if e.answer not in ("yes", "no")]
         twins = data_vqa.presence_twins(train, seed=args.seed)
         train, group = twins + named[: len(named) // 2 * 2], 2
+    targets = [example.answer for example in train]
+    if args.rationale:
+        targets = data_vqa.rationale_answers(train)
+        # Whole runs of `group` (a question and its twin) stay or go.
+        kept = [
+            i
+            for start in range(0, len(train), group)
+            if None not in targets[start : start + group]
+            for i in range(start, start + group)
+        ]
+        print(f"rationales for {len(kept)} of {len(train)} questions")
+        train, targets = [train[i] for i in kept], [targets[i] for i in kept]
     # Rows of `features`, which follow the images' first-seen order in the
     # original training examples.
     feature_row = {path: row for row, path in enumerate(paths)}
@@ -243,7 +261,7 @@ def train_and_save(model, tokenizer, train, features, rows, args) -> None:
     batch = vqa.make_batch(
         tokenizer,
         [example.question for example in train],
-        [example.answer for example in train],
+        targets,
         tokens_per_image=args.tokens_per_image,
     )
     if not (args.no_align or args.resume):
@@ -261,6 +279,7 @@ def train_and_save(model, tokenizer, train, features, rows, args) -> None:
         "aligned": str(not (args.no_align or args.resume)),
         "balanced": str(args.balance),
         "twins": str(args.twins),
+        "rationale": str(args.rationale),
         "train_images": str(args.train_images),
         "seed": str(args.seed),
         "resumed": str(args.resume),

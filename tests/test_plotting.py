@@ -155,3 +155,19 @@ def test_model_view_renders_offline_treescope_html(tiny):
     assert not re.search(r"src=[\"']?https?:", page)
     with pytest.raises(TypeError, match="nnx.Module"):
         widgets.model_view({"not": "a module"})
+
+
+def test_plot_answers_colours_titles_by_the_answer_after_a_rationale():
+    from gemma_lab import vision_plots
+
+    images = [np.zeros((8, 8, 3), np.uint8)] * 3
+    fig = vision_plots.plot_answers(
+        images,
+        ["is there a red shape?", "is there a circle?", "what shape?"],
+        ["a blue shape: no", "a circle: no", "circle"],
+        ["no", "yes", "circle"],
+    )
+
+    titles = [ax.title for ax in fig.axes[:3]]
+    assert [t.get_color() for t in titles] == ["green", "red", "green"]
+    assert "model: a blue shape: no" in titles[0].get_text()

@@ -86,6 +86,59 @@ def test_captions_name_the_colour_and_shape_the_answers_reveal():
     assert colour in data_vqa.COLOURS and shape in data_vqa.SHAPES
 
 
+def _example(question, answer, image_id):
+    path = pathlib.Path(f"{image_id}.png")
+    return data_vqa.VQAExample(question, answer, image_id, path)
+
+
+def test_rationales_name_the_image_s_word_of_the_asked_kind():
+    examples = [
+        _example("what color is the shape?", "red", 0),
+        _example("what shape is in the image?", "circle", 0),
+        _example("is there a blue shape?", "no", 0),
+        _example("is there not a circle?", "no", 0),
+        _example("does the image not contain a triangle?", "yes", 0),
+        _example("what color is the shape?", "teal", 1),
+        _example("is there a triangle in the image?", "yes", 1),
+        _example("is no rectangle present?", "yes", 2),
+    ]
+
+    assert data_vqa.rationale_answers(examples) == [
+        "red",
+        "circle",
+        "a red shape: no",
+        "a circle: no",
+        "a circle: yes",
+        "teal",
+        "a triangle: yes",  # the "yes" reveals the shape
+        None,  # no question says which shape image 2 shows
+    ]
+
+
+def test_rationales_keep_every_training_answer():
+    examples = data_vqa.load_split("train")
+    targets = data_vqa.rationale_answers(examples)
+
+    known = [(e, t) for e, t in zip(examples, targets, strict=True) if t]
+    assert len(known) > 0.9 * len(examples)
+    for example, target in known:
+        assert data_vqa.final_answer(target) == example.answer
+    yes_no = [t for e, t in known if e.answer in ("yes", "no")]
+    assert all(t.startswith("a ") for t in yes_no)
+    # The phrase names what is there: present questions repeat its word.
+    for example, target in known:
+        if data_vqa.names_present(example):
+            word = target.split()[1].rstrip(":")
+            assert word in example.question.rstrip("?").split(), target
+
+
+def test_final_answer_reads_after_the_last_colon():
+    assert data_vqa.final_answer("a red shape: no") == "no"
+    assert data_vqa.final_answer(" circle ") == "circle"
+    assert data_vqa.final_answer("a: b: yes") == "yes"
+    assert data_vqa.final_answer("") == ""
+
+
 def test_balancing_repeats_yes_no_questions_about_present_things():
     examples = data_vqa.load_split("train")
     balanced = data_vqa.balance_presence(examples)
@@ -216,11 +269,28 @@ def test_batch_expands_the_image_and_targets_the_answer(real_model):
         assert tokens[start - 1] == tokens[start + count + 2] == 108  # "\n\n"
         assert batch.soft_mask[row, start + 1 : start + count + 1].all()
         end = batch.ends[row]
-        assert list(batch.answer_positions[row]) == [end, end + 1, 0]
+        unused = vqa.MAX_ANSWER_TOKENS - 2
+        assert (
+            list(batch.answer_positions[row]) == [end, end + 1] + [0] * unused
+        )
         assert tokens[end + 1] == tokenizer.encode(answer, add_bos=False)[0]
         assert tokens[end + 2] == tokenizer.end_of_turn_id
-        assert list(batch.answer_weights[row]) == [1.0, 1.0, 0.0]
+        assert list(batch.answer_weights[row]) == [1.0, 1.0] + [0.0] * unused
     assert tokenizer.decode(batch.tokens[0, : batch.ends[0] + 1].tolist())
+
+
+def test_the_longest_rationale_fits_the_answer_positions(real_model):
+    _, tokenizer = real_model
+    reply = "a yellow shape: yes"
+    batch = vqa.make_batch(tokenizer, ["is there a yellow shape?"], [reply])
+
+    end = int(batch.ends[0])
+    assert list(batch.answer_positions[0]) == list(range(end, end + 6))
+    assert batch.answer_weights[0].all()
+    ids = batch.tokens[0, end + 1 : end + 6].tolist()
+    assert tokenizer.decode(ids) == reply
+    with pytest.raises(ValueError, match="at most 5"):
+        vqa.make_batch(tokenizer, ["q?"], ["a yellow shape: yes, yes"])
 
 
 def test_prompt_mask_is_bidirectional_inside_the_image_only(real_model):
@@ -257,8 +327,10 @@ def test_projector_file_round_trips(tmp_path):
     np.testing.assert_array_equal(loaded(features), projector(features))
 
 
-def test_accuracy_ignores_case_and_spaces():
+def test_accuracy_ignores_case_and_spaces_and_reads_past_a_rationale():
     assert vqa.accuracy([" Yes", "red"], ["yes", "blue"]) == 0.5
+    replies = ["a red shape: no", "a circle:yes", "a circle: no"]
+    assert vqa.accuracy(replies, ["no", "yes", "yes"]) == 2 / 3
     with pytest.raises(ValueError, match="2 predictions for 1"):
         vqa.accuracy(["a", "b"], ["a"])
 
