@@ -15,7 +15,11 @@ Training (`scripts/train_vqa_projector.py`, on easy-vqa) has two stages: an
 resemble the embeddings of its caption words ("red circle", read off the
 training answers), then the projector and LoRA adapters on the language
 model are trained on the answer tokens. Both ship in `gemma_lab/assets/`
-(`vqa_projector.safetensors`, `vqa_lora.safetensors`).
+(`vqa_projector.safetensors`, `vqa_lora.safetensors`). The shipped model
+names a colour or shape in one word and answers a yes/no question after
+naming what it sees of the kind asked about: "is there a blue shape?" ->
+"a red shape: no" (`data_vqa.rationale_answers`); `accuracy` reads the word
+after the colon.
 
 Vocabulary: *features* are the encoder's patch outputs [I, P, E] (class
 token dropped); *soft tokens* are projected features [I, M, D]; the
@@ -626,9 +630,8 @@ def answer_questions(
     Each new token recomputes the whole (short) row, so every call has the
     shape [batch_size, T] and compiles once. Generation of a row stops at
     `<end_of_turn>`, and a batch stops when all its rows have. The shipped
-    model answers a colour or shape question in one word and a yes/no
-    question after naming what it sees ("a red shape: no"); `accuracy`
-    compares the part after the colon (`data_vqa.final_answer`).
+    model's yes/no replies name what it sees first ("a red shape: no");
+    `accuracy` compares the part after the colon (`data_vqa.final_answer`).
 
     Args:
         model: the VQA model.
