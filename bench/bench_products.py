@@ -12,7 +12,7 @@ model's shapes, so that each choice in `gemma_lab.packed` and
 - the same head from float32 weights;
 - the 18 layers' float32 projections (distinct weights, so they stream from
   memory as in the model);
-- `jnp.argmax` against `sampler.greedy_tokens` over the logits;
+- `jnp.argmax` against `layers.greedy_tokens` over the logits;
 - the memory read rate (a sum over 671 MB), which bounds any product that
   reads its weights once.
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from gemma_lab import packed
 from gemma_lab.config import GEMMA3_270M
-from gemma_lab.sampler import greedy_tokens
+from gemma_lab.layers import greedy_tokens
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -113,7 +113,7 @@ def main() -> None:
     results["jnp.argmax over logits"] = timed(
         jax.jit(lambda z: jnp.argmax(z, -1)), logits, repeats=3 * n
     )
-    results["sampler.greedy_tokens"] = timed(
+    results["layers.greedy_tokens"] = timed(
         jax.jit(greedy_tokens), logits, repeats=3 * n
     )
     read = timed(jax.jit(jnp.sum), table, repeats=n)

@@ -236,6 +236,28 @@ def write_token(
     )
 
 
+def resize_ring(cache: LayerCache, slots: int) -> LayerCache:
+    """The ring with `slots` slots: its leading slots, or padded with empty.
+
+    Exact while every position the ring holds, and every one written into
+    the result, lies below both sizes: position p then sits in slot p of
+    either ring (p % S = p), and the slots cut off or added are empty. The
+    sampler decodes in a ring of the slots in use, grown as rows get
+    longer, so that attention reads no empty slots.
+    """
+    size = cache.positions.shape[1]
+    if slots == size:
+        return cache
+    if slots < size:
+        return jax.tree.map(lambda ring: ring[:, :slots], cache)
+    pad = [(0, 0), (0, slots - size), (0, 0), (0, 0)]
+    return LayerCache(
+        keys=jnp.pad(cache.keys, pad),
+        values=jnp.pad(cache.values, pad),
+        positions=jnp.pad(cache.positions, pad[:2], constant_values=-1),
+    )
+
+
 class Attention(nnx.Module):
     """One Gemma 3 attention layer: projections, QK-norm, RoPE, GQA.
 

@@ -37,7 +37,6 @@ import tqdm.auto as tqdm
 from flax import nnx
 
 from gemma_lab.chat import check_messages
-from gemma_lab.sampler import greedy_tokens
 from gemma_lab.tokenizer import Tokenizer, check_utf8
 
 TOPICS = ("business", "entertainment", "politics", "sport", "tech")
@@ -326,7 +325,7 @@ def _greedy_ids(graphdef, state, tokens, positions, steps: int):
     model = nnx.merge(graphdef, state)
     cache = model.init_cache(tokens.shape[0], tokens.shape[1] + steps)
     out = model.forward(tokens, positions, cache=cache, return_logits=False)
-    first = greedy_tokens(model.logits(out.hidden[:, -1]))
+    first = model.greedy_tokens(out.hidden[:, -1])
     next_position = positions[:, -1] + 1
 
     def step(carry, _):
@@ -334,7 +333,7 @@ def _greedy_ids(graphdef, state, tokens, positions, steps: int):
         out = model.forward(
             token[:, None], position[:, None], cache=cache, return_logits=False
         )
-        new = greedy_tokens(model.logits(out.hidden[:, -1]))
+        new = model.greedy_tokens(out.hidden[:, -1])
         return (new, position + 1, out.cache), new
 
     carry = (first, next_position, out.cache)

@@ -22,7 +22,9 @@ from jaxtyping import Array, Float, Int
 
 from gemma_lab.packed import (
     PackedWeight,
+    argmax_matmul,
     few_tokens,
+    first_max,
     matvec,
     product,
     single_token,
@@ -49,6 +51,12 @@ def rms_norm(
     inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     out = x32 * inv_rms * (1.0 + scale.astype(jnp.float32))
     return out.astype(x.dtype)
+
+
+def greedy_tokens(logits: Float[Array, "B V"]) -> Int[Array, " B"]:
+    """The first index of each row's largest logit, as `jnp.argmax` gives
+    (fast on CPU, NaN counting as largest: see `packed.first_max`)."""
+    return first_max(logits, axis=-1)[1]
 
 
 def gelu_tanh(x: Array) -> Array:
@@ -159,6 +167,17 @@ class Embedder(nnx.Module):
             )
         table = self.embedding[...].astype(self.dtype)
         return jnp.einsum("...D,VD->...V", x.astype(self.dtype), table)
+
+    def decode_greedy(self, x: Float[Array, "B D"]) -> Int[Array, " B"]:
+        """The id of each row's largest logit: `greedy_tokens(decode(x))`.
+
+        For 2 to `FEW_ROWS` rows with a packed copy the logits are never
+        written out (`packed.argmax_matmul`); one row keeps the faster
+        single-row product.
+        """
+        if self.packed is not None and few_tokens(x) and x.shape[0] > 1:
+            return argmax_matmul(x.astype(jnp.float32), self.packed.matrix())
+        return greedy_tokens(self.decode(x))
 
 
 class MLP(nnx.Module):

@@ -281,3 +281,8 @@ class Transformer(nnx.Module):
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """Applies the tied output head to final-normed hidden states."""
         return self.embedder.decode(hidden)
+
+    def greedy_tokens(self, hidden: Float[Array, "B D"]) -> Int[Array, " B"]:
+        """The id of each row's largest logit, from final-normed hidden
+        states (see `Embedder.decode_greedy`)."""
+        return self.embedder.decode_greedy(hidden)

@@ -5,8 +5,13 @@ Words used in this module:
 - prefill: one forward pass over the prompt (a chunk of new tokens) that
   fills the KV cache and gives the logits of the next token.
 - decode step: one forward pass over a single new token per row, reading and
-  writing the cache. Its shapes never change during a call, so it compiles
-  once per (batch size, cache length).
+  writing the cache. Its shapes never change between two crossings of a
+  `live_slots` step, so it compiles a few times per cache length at most,
+  never per token.
+- live slots: while rows are shorter than the cache, prefill and decode
+  steps run on rings cut to the slots in use (128, 512, 2048, ... slots,
+  grown as rows get longer), so a short generation in a long cache reads no
+  empty slots; a result's cache has its full length again.
 - bucket: prompt chunks are right-padded to a bucketed length (powers of two
   up to 512, then multiples of 512) and the cache is sized to a bucketed
   length, so prompts of similar lengths share one compiled prefill.
@@ -44,8 +49,9 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from gemma_lab.attention import LayerCache
+from gemma_lab.attention import LayerCache, resize_ring
 from gemma_lab.checks import is_int, is_real
+from gemma_lab.layers import greedy_tokens
 from gemma_lab.model import Cache, Transformer
 from gemma_lab.multimodal import Gemma3Multimodal, prepare_prompt
 from gemma_lab.tokenizer import Tokenizer
@@ -75,20 +81,6 @@ def bucket_length(n: int) -> int:
 
 
 # Sampling: small pure functions over logits [B, V].
-
-
-def greedy_tokens(logits: Float[Array, "B V"]) -> Int[Array, " B"]:
-    """The first index of each row's largest logit, as `jnp.argmax` gives.
-
-    Written as a max, then the smallest index holding it: two plain
-    reductions, which XLA's CPU backend runs about three times faster than
-    argmax's paired (value, index) reduction over 262,144 logits. A NaN
-    counts as the largest value, as in `jnp.argmax`.
-    """
-    best = jnp.max(logits, axis=-1, keepdims=True)
-    hit = (logits == best) | jnp.isnan(logits)
-    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
 
 
 def top_k_logits(logits: Float[Array, "B V"], k: int) -> Float[Array, "B V"]:
@@ -463,8 +455,16 @@ def _compiled_steps(graphdef, treedef):
         # One call per token: the forward step and the sampling of the next
         # token are compiled together; logits leave only when asked for.
         module = merge(leaves)
-        out = module.forward(tokens[:, None], positions[:, None], cache=cache)
-        logits = out.logits[:, 0]
+        out = module.forward(
+            tokens[:, None], positions[:, None], cache=cache,
+            return_logits=False,
+        )  # fmt: skip
+        hidden = out.hidden[:, 0]
+        if flags["greedy"] and not (with_logits or flags["with_logprobs"]):
+            # Only the picks are needed: the head need not write logits.
+            new = module.greedy_tokens(hidden)
+            return new, jnp.zeros(new.shape, jnp.float32), None, out.cache
+        logits = module.logits(hidden)
         new, logprobs = _next_tokens.__wrapped__(
             logits, key, step, temperature, top_p, **flags
         )
@@ -478,6 +478,34 @@ def _compiled_steps(graphdef, treedef):
             donate_argnums=3,
             static_argnames=("with_logits", *_SAMPLING_FLAGS),
         ),
+    )
+
+
+def live_slots(positions: int, capacity: int) -> int:
+    """Ring slots in use while every position held is below `positions`.
+
+    The smallest of 128, 512, 2048, ... (x4) that is at least `positions`,
+    and at most the cache's `capacity`. Coarse steps keep the compiled
+    variants of the prefill and decode steps few: a generation compiles
+    once more each time its rows cross a step.
+
+    >>> [live_slots(n, 4096) for n in (1, 128, 129, 600, 3000, 9000)]
+    [128, 128, 512, 2048, 4096, 4096]
+    """
+    slots = _LIVE_FLOOR
+    while slots < positions:
+        slots *= 4
+    return min(slots, capacity)
+
+
+_LIVE_FLOOR = 128
+
+
+def _live_cache(cache: Cache, slots: int, sizes: Sequence[int]) -> Cache:
+    """Each layer's ring resized to `slots`, at most its full size."""
+    return tuple(
+        resize_ring(layer, min(slots, size))
+        for layer, size in zip(cache, sizes, strict=True)
     )
 
 
@@ -862,6 +890,13 @@ class Sampler:
 
     def _steps(self, run, rows, starts, cache, opts, layout=None):
         """Prefills, then samples and decodes until every row is done."""
+        # Attention reads only the ring slots in use: the rings shrink to a
+        # `live_slots` size covering every position held or written, grow
+        # as rows get longer, and are returned at their full sizes.
+        sizes = [layer.positions.shape[1] for layer in cache]
+        held = int(jnp.max(jnp.stack([jnp.max(c.positions) for c in cache])))
+        live = live_slots(max(max(run.lengths), held + 1), max(sizes))
+        cache = _live_cache(cache, live, sizes)
         logits, cache = self._prefill_rows(rows, starts, cache, layout)
         key = jax.random.key(opts.seed)
         flags = dict(
@@ -886,6 +921,10 @@ class Sampler:
             done = all(f is not None for f in run.finish)
             if done or step == opts.max_new_tokens - 1:
                 break
+            # The new tokens go to positions run.lengths.
+            if max(run.lengths) >= live:
+                live = live_slots(max(run.lengths) + 1, max(sizes))
+                cache = _live_cache(cache, live, sizes)
             new, logprobs, logits, cache = self._decode(
                 self._leaves, new, jnp.asarray(run.lengths, jnp.int32), cache,
                 sampling[0], step + 1, *sampling[1:],
@@ -894,7 +933,7 @@ class Sampler:
             run.lengths = run.lengths + 1
         for i, reason in enumerate(run.finish):
             run.finish[i] = reason or "length"
-        run.cache = cache
+        run.cache = _live_cache(cache, max(sizes), sizes)
         yield run
 
     def _prefill_rows(self, rows, starts, cache, layout):

@@ -52,7 +52,6 @@ from gemma_lab.data_vqa import final_answer
 from gemma_lab.lora import LoRAParam
 from gemma_lab.model import Transformer
 from gemma_lab.multimodal import Gemma3Multimodal, ImageTokenIds
-from gemma_lab.sampler import greedy_tokens
 from gemma_lab.vision.encoder import VisionEncoder
 from gemma_lab.vision.layout import ImageLayout, batch_layouts, expand_images
 from gemma_lab.vision.preprocess import (
@@ -609,8 +608,7 @@ def _greedy_fn(model: Gemma3Multimodal):
             return_logits=False,
         )
         hidden = jnp.take_along_axis(out.hidden, at[:, None, None], axis=1)
-        logits = merged.language_model.logits(hidden[:, 0])
-        return greedy_tokens(logits)
+        return merged.language_model.greedy_tokens(hidden[:, 0])
 
     return lambda *args: next_ids(state, *args)
 

@@ -6,6 +6,7 @@ from gemma_lab.attention import (
     attend,
     attention_mask,
     attention_probs,
+    resize_ring,
     rope,
     write_cache,
     write_token,
@@ -105,6 +106,28 @@ def test_write_token_equals_write_cache_for_one_token_and_skips_padding():
         [0, 1, -1, -1],
         [4, 1, 2, 3],
     ]
+
+
+def test_a_resized_ring_holds_and_takes_tokens_as_the_full_one():
+    ring = LayerCache.empty(2, 8, 1, 2, jnp.float32)
+    ring = write_cache(
+        ring,
+        jnp.ones((2, 3, 1, 2)),
+        jnp.ones((2, 3, 1, 2)),
+        jnp.array([[0, 1, 2], [0, 1, -1]]),
+    )
+    pos = jnp.array([[3], [2]])
+    keys = jnp.arange(4.0).reshape(2, 1, 1, 2)
+
+    small = resize_ring(ring, 4)
+    assert small.keys.shape == (2, 4, 1, 2) and small.positions.shape == (2, 4)
+    got = resize_ring(write_token(small, keys, -keys, pos), 8)
+    want = write_token(ring, keys, -keys, pos)
+    for field in ("keys", "values", "positions"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    assert resize_ring(ring, 8) is ring
+    grown = resize_ring(ring, 10)
+    assert np.asarray(grown.positions)[:, 8:].tolist() == [[-1, -1]] * 2
 
 
 def test_write_cache_skips_padding():

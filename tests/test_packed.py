@@ -9,6 +9,7 @@ from flax import nnx
 from gemma_lab import lora, packed
 from gemma_lab.checkpoints.gguf import open_gguf
 from gemma_lab.checkpoints.gguf_blocks import PACKABLE, split_blocks
+from gemma_lab.layers import greedy_tokens
 from gemma_lab.packed import PackedMatrix, unpack
 from gemma_lab.testing import tiny_model
 
@@ -176,6 +177,27 @@ def test_split_blocks_rejects_other_types_and_short_data():
         )
 
 
+def test_argmax_matmul_picks_as_greedy_tokens_over_the_whole_row():
+    rng = np.random.default_rng(5)
+    matrix = _random_packed(rng, 4096, 32, 16, True)
+    values, scale = np.asarray(matrix.values), np.asarray(matrix.scale)
+    offset = np.asarray(matrix.offset)
+    # Rows 100 and 3000 are equal: a tie across chunks, the first wins.
+    for part in (values, scale, offset):
+        part[3000] = part[100]
+    x = rng.standard_normal((4, 32)).astype(np.float32)
+    x[0] = np.asarray(unpack(matrix))[100]
+    got = packed.argmax_matmul(jnp.asarray(x), matrix)
+    want = greedy_tokens(packed.matmul(jnp.asarray(x), matrix))
+    np.testing.assert_array_equal(got, want)
+    assert int(got[0]) == 100
+
+    # A NaN weight in row 2500 (a later chunk) makes every row pick it.
+    scale[2500, 1] = np.nan
+    got = packed.argmax_matmul(jnp.asarray(x), matrix)
+    assert np.asarray(got).tolist() == [2500] * 4
+
+
 def test_real_model_decodes_from_packed_copies(real_model):
     model, _ = real_model
     paths = packed.packed_paths(model)
@@ -189,3 +211,13 @@ def test_real_model_decodes_from_packed_copies(real_model):
     want = plain.forward(step, pos, cache=cache).logits
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
     assert int(got.argmax()) == int(want.argmax())
+
+
+def test_real_model_greedy_picks_for_a_few_rows_equal_the_logits_argmax(
+    real_model,
+):
+    model, _ = real_model
+    hidden = jnp.asarray(np.random.default_rng(6).standard_normal((8, 640)))
+    want = np.argmax(np.asarray(model.logits(hidden)), axis=-1)
+    np.testing.assert_array_equal(model.greedy_tokens(hidden), want)
+    np.testing.assert_array_equal(model.greedy_tokens(hidden[:1]), want[:1])

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from gemma_lab import testing
+from gemma_lab.layers import greedy_tokens
 from gemma_lab.sampler import (
     DEFAULT_STOP_IDS,
     Sampler,
     bucket_length,
     greedy,
-    greedy_tokens,
+    live_slots,
     stable_text,
     top_k_logits,
     top_p_logits,
@@ -70,6 +71,12 @@ def test_bucket_length_rounds_up_to_powers_then_multiples_of_512():
     ]
 
 
+def test_live_slots_grow_by_four_and_stay_within_the_cache():
+    sizes = [live_slots(n, 1024) for n in (1, 128, 129, 512, 513, 5000)]
+    assert sizes == [128, 128, 512, 512, 1024, 1024]
+    assert live_slots(10, 64) == 64
+
+
 def test_greedy_tokens_equal_argmax_with_ties_and_nan():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((6, 1000)).astype(np.float32)
@@ -81,6 +88,16 @@ def test_greedy_tokens_equal_argmax_with_ties_and_nan():
     np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
     np.testing.assert_array_equal(got[:4], [got[0], 7, 0, 5])
     assert got.dtype == np.int32
+
+
+def test_greedy_tokens_find_a_nan_after_the_largest_logit_of_a_long_row():
+    # XLA's CPU max skips NaN in rows this long; argmax still picks it.
+    logits = np.random.default_rng(1).standard_normal((2, 262144))
+    logits = logits.astype(np.float32)
+    logits[:, 1000] = 50.0
+    logits[0, 200000] = np.nan
+    got = np.asarray(greedy_tokens(jnp.asarray(logits)))
+    assert got.tolist() == [200000, 1000]
 
 
 def test_top_k_keeps_exactly_the_k_largest_logits():
@@ -226,6 +243,30 @@ def test_cached_decoding_equals_recomputing_the_prefix(
     assert result.lengths == [prompt_len + new - 1]
     expected = _recomputed_logits(model, ids + result.tokens[0], new)
     np.testing.assert_allclose(result.logits[0], expected, atol=1e-3)
+
+
+def test_decoding_in_a_long_cache_reads_its_live_slots_exactly(
+    real_model, sampler, long_ids
+):
+    # Positions 100 to 139 in 1024 slots: the prefill and the first decode
+    # steps run on rings of 128 slots, the later ones on 512.
+    model, _ = real_model
+    ids = long_ids[:100]
+    result = sampler.generate(
+        ids, max_new_tokens=40, max_len=MAX_LEN, stop_ids=(),
+        return_logits=True,
+    )  # fmt: skip
+    expected = _recomputed_logits(model, ids + result.tokens[0], 40)
+    np.testing.assert_allclose(result.logits[0], expected, atol=1e-3)
+    assert result.tokens[0] == np.argmax(expected, axis=-1).tolist()
+
+
+def test_greedy_picks_without_logits_equal_those_from_the_logits(sampler):
+    rows = ["The capital of France is", "One, two, three,", "Once upon a"]
+    kw = dict(max_new_tokens=12, stop_ids=(), max_len=MAX_LEN)
+    fast = sampler.generate(rows, **kw)  # picks inside the output head
+    slow = sampler.generate(rows, return_logprobs=True, **kw)
+    assert fast.tokens == slow.tokens
 
 
 def test_ragged_batch_rows_equal_single_prompt_runs(
