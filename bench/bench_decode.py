@@ -7,6 +7,10 @@ Prints, for each library: compile (first call) time, prefill tokens/s for a
 the greedy tokens agree, and the process's peak resident memory (after
 gemma_lab alone, then after both). The two libraries are loaded together
 and take turns, round by round; each speed is the median over the rounds.
+
+Decode speed counts decode steps only: a call generating --steps tokens
+from an 8-token prompt, minus a call generating one (the prefill and the
+first token), gives the time of --steps - 1 decode steps of every row.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ def gemma_lab_runs(model, tokenizer, prompt, args):
 
     def warm_up():
         # Compiles every shape measured below: the prompt's prefill bucket,
-        # and the short prompt's prefill and decode steps at batch 1 and 8.
+        # and the short prompt's prefill and decode steps at batch 1 and 8
+        # (one per live-slot bucket the decode steps reach).
         sampler.generate(prompt, max_new_tokens=2, **kw)
         for batch in (1, 8):
-            sampler.generate([prompt[:8]] * batch, max_new_tokens=2, **kw)
+            rows = [prompt[:8]] * batch
+            sampler.generate(rows, max_new_tokens=args.steps, **kw)
 
     compile_s, _ = _timed(warm_up)
 
@@ -54,7 +60,8 @@ def gemma_lab_runs(model, tokenizer, prompt, args):
             seconds, outs[batch] = _timed(
                 sampler.generate, rows, max_new_tokens=args.steps, **kw
             )
-            rates[batch] = batch * args.steps / seconds
+            first, _ = _timed(sampler.generate, rows, max_new_tokens=1, **kw)
+            rates[batch] = batch * (args.steps - 1) / (seconds - first)
         tokens = list(outs[1].tokens[0])
         return dict(prefill=len(prompt) / prefill, rates=rates, tokens=tokens)
 
@@ -74,11 +81,11 @@ def transformers_runs(path, prompt, args):
     load_s = time.perf_counter() - start
     ids = torch.tensor([prompt])
 
-    def generate(batch):
+    def generate(batch, steps=args.steps):
         return model.generate(
             torch.tensor([prompt[:8]] * batch),
-            max_new_tokens=args.steps,
-            min_new_tokens=args.steps,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
             do_sample=False,
         )
 
@@ -96,7 +103,8 @@ def transformers_runs(path, prompt, args):
         rates, outs = {}, {}
         for batch in (1, 8):
             seconds, outs[batch] = _timed(generate, batch)
-            rates[batch] = batch * args.steps / seconds
+            first, _ = _timed(generate, batch, 1)
+            rates[batch] = batch * (args.steps - 1) / (seconds - first)
         tokens = outs[1][0, 8:].tolist()
         return dict(prefill=len(prompt) / prefill, rates=rates, tokens=tokens)
 
@@ -120,8 +128,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    if min(args.steps, args.rounds) < 1 or args.prompt_len < 8:
-        parser.error("--steps and --rounds must be >= 1, --prompt-len >= 8")
+    if args.steps < 2 or args.rounds < 1 or args.prompt_len < 8:
+        parser.error("--steps must be >= 2, --rounds >= 1, --prompt-len >= 8")
 
     import gemma_lab
 
