@@ -11,7 +11,8 @@ model's shapes, so that each choice in `gemma_lab.packed` and
   x @ weights.T and as weights @ x.T (what `packed.matmul` uses);
 - the same head from float32 weights;
 - the 18 layers' float32 projections (distinct weights, so they stream from
-  memory as in the model);
+  memory as in the model), as x @ kernel, as rows @ x.T and as the
+  feature-major products of `layers.KernelRows` (transposed in and out);
 - `jnp.argmax` against `layers.greedy_tokens` over the logits;
 - the memory read rate (a sum over 671 MB), which bounds any product that
   reads its weights once.
@@ -30,7 +31,7 @@ import numpy as np
 
 from gemma_lab import packed
 from gemma_lab.config import GEMMA3_270M
-from gemma_lab.layers import greedy_tokens
+from gemma_lab.layers import feature_major, greedy_tokens, rows_product
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -140,9 +141,19 @@ def main() -> None:
         inputs,
         repeats=n,
     )
+    results["same, feature-major (transposed in, out)"] = timed(
+        jax.jit(
+            lambda ws, xs: layer_stack(
+                ws, xs, lambda x, w: rows_product(w, feature_major(x)).T
+            )
+        ),
+        transposed,
+        inputs,
+        repeats=n,
+    )
     print(f"fastest of {n} calls, {b} rows:")
     for name, ms in results.items():
-        print(f"{name:<36} {ms:8.2f} ms")
+        print(f"{name:<42} {ms:8.2f} ms")
 
     layer_bytes = sum(a * c for a, c in shapes) * config.num_layers * 4
     head_flops = 2 * b * v * d

@@ -177,8 +177,9 @@ class LoRALinear(nnx.Module):
         )
         new = kernel.astype(jnp.float32) + sign * delta
         self.base.kernel[...] = new.astype(kernel.dtype)
-        # An exact packed copy of the old kernel would now be stale.
+        # Exact copies of the old kernel would now be stale.
         self.base.packed = nnx.data(None)
+        self.base.rows = nnx.data(None)
 
 
 def _check_targets(targets) -> tuple[str, ...]:

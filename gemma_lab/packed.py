@@ -303,10 +303,12 @@ def attach(model: nnx.Module, packed: Mapping[str, PackedMatrix]) -> None:
 
 
 def detach(model: nnx.Module) -> None:
-    """Removes every packed copy (call after changing weights by hand)."""
+    """Removes every decode copy of the weights: the packed copies and the
+    `layers.KernelRows` (call after changing weights by hand)."""
     for _, module in nnx.iter_modules(model):
-        if getattr(module, "packed", None) is not None:
-            module.packed = nnx.data(None)
+        for copy in ("packed", "rows"):
+            if getattr(module, copy, None) is not None:
+                setattr(module, copy, nnx.data(None))
 
 
 def packed_paths(model: nnx.Module) -> list[str]:

@@ -202,6 +202,8 @@ def test_real_model_decodes_from_packed_copies(real_model):
     model, _ = real_model
     paths = packed.packed_paths(model)
     assert "embedder" in paths and len(paths) == 1 + 7 * model.config.num_layers
+    rows = [m for _, m in nnx.iter_modules(model) if getattr(m, "rows", None)]
+    assert len(rows) == 7 * model.config.num_layers
     plain = nnx.clone(model)
     packed.detach(plain)
     tokens = jnp.array([[2, 818, 5279, 529]])
@@ -221,3 +223,21 @@ def test_real_model_greedy_picks_for_a_few_rows_equal_the_logits_argmax(
     want = np.argmax(np.asarray(model.logits(hidden)), axis=-1)
     np.testing.assert_array_equal(model.greedy_tokens(hidden), want)
     np.testing.assert_array_equal(model.greedy_tokens(hidden[:1]), want[:1])
+
+
+def test_detach_and_merging_drop_the_kernel_rows():
+    from gemma_lab.layers import attach_rows
+
+    model = tiny_model()
+    attach_rows(model)
+    mlp = model.layers[0].mlp
+    lora.apply_lora(model, rank=2, targets=("up_proj",))
+    adapter = lora.adapters(model)["layers.0.mlp.up_proj"]
+    adapter.lora_b[...] = 0.1 * jnp.ones_like(adapter.lora_b[...])
+    tokens = jnp.array([[9, 4], [3, 1]])  # 4 tokens: the rows' products
+    adapted = model(tokens)
+    lora.merge(model)
+    assert mlp.up_proj.base.rows is None and mlp.gate_proj.rows is not None
+    np.testing.assert_allclose(model(tokens), adapted, rtol=1e-4, atol=1e-4)
+    packed.detach(model)
+    assert mlp.gate_proj.rows is None
