@@ -284,10 +284,11 @@ def attach_rows(model: nnx.Module) -> None:
     """Gives every float32 `Linear` of `model` its `KernelRows`.
 
     Costs a second copy of the projections (about 400 MB for the 270M) and
-    speeds a batched decode step on CPU by about an eighth
-    (`bench/bench_decode.py`). Products over 1 or more than `FEW_ROWS`
-    tokens do not read it. Call `packed.detach` after changing a kernel by
-    hand: the copy would be stale.
+    takes an eighth to a sixth off a batch-8 decode step on CPU
+    (`bench/bench_decode.py --without-rows` gives the figure without).
+    Products over 1 or more than `FEW_ROWS` tokens do not read it. Call
+    `packed.detach` after changing a kernel by hand: the copy would be
+    stale.
     """
     for _, module in nnx.iter_modules(model):
         if isinstance(module, Linear):
