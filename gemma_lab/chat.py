@@ -394,9 +394,13 @@ class ChatSession:
         self._pending = reply_ids[fed:] + [end_of_turn]
         self._cache = result.cache
 
-        reply = self.sampler.tokenizer.decode(reply_ids)
+        reply = result.text
         self._turns.append(user)
         self._turns.append({"role": "assistant", "content": reply})
+        if result.finish_reasons[0] == "stop_string":
+            # The cache holds the stop string and the rest of its last
+            # token; the next turn prefills the recorded history instead.
+            self._forget_cache()
         return reply
 
 

@@ -584,7 +584,8 @@ class Sampler:
 
         Args:
             prompts: a text, a list of texts, a list of ids, or a list of id
-                lists. Texts are encoded with BOS.
+                lists. Texts are encoded with BOS, so an empty text samples
+                from BOS alone (unconditionally).
             max_new_tokens: the most tokens generated per row (>= 1).
             temperature: 0 for greedy decoding, else the sampling
                 temperature.
@@ -614,7 +615,7 @@ class Sampler:
             A `SampleResult`.
 
         Raises:
-            ValueError: on invalid settings, an empty prompt, a count of
+            ValueError: on invalid settings, a prompt of no ids, a count of
                 image markers that differs from the images given, or a row
                 that does not fit the cache or context (unless `truncate`),
                 before any computation.

@@ -109,6 +109,28 @@ def test_streamed_turn_equals_sent_turn_and_rewind_replays_it(sampler):
     assert session.messages[-1] == {"role": "assistant", "content": first}
 
 
+def test_a_stop_string_cuts_the_reply_and_the_recorded_turn(sampler):
+    session = ChatSession(sampler, max_len=MAX_LEN, max_new_tokens=12)
+    question = "Write a sentence about cats."
+    full = session.send(question)
+    stop = full.split()[2]
+    cut = full[: full.index(stop)]
+    session.reset()
+
+    assert session.send(question, stop_strings=[stop]) == cut
+    assert session.messages[-1] == {"role": "assistant", "content": cut}
+    session.rewind()
+    assert "".join(session.stream(question, stop_strings=[stop])) == cut
+    assert session.messages[-1] == {"role": "assistant", "content": cut}
+
+    # The next turn continues from the recorded (cut) history.
+    second = session.send("And dogs?")
+    ids = encode_messages(session.messages[:-1], sampler.tokenizer)
+    assert session.token_ids[: len(ids)] == ids
+    alone = sampler.generate(ids, max_new_tokens=12, max_len=MAX_LEN)
+    assert alone.text == second
+
+
 def test_session_refuses_a_turn_beyond_max_len(sampler):
     session = ChatSession(sampler, max_len=32, max_new_tokens=16)
     with pytest.raises(ValueError, match="over max_len 32"):

@@ -288,6 +288,15 @@ def test_greedy_continues_a_prompt_with_the_known_answer(sampler):
     assert "France" in result.text and result.finish_reasons == ["length"]
 
 
+def test_an_empty_text_samples_from_bos_alone(sampler):
+    bos = sampler.tokenizer.bos_id
+    text = sampler.generate("", max_new_tokens=4, max_len=MAX_LEN)
+    ids = sampler.generate([[bos]], max_new_tokens=4, max_len=MAX_LEN)
+    assert text.tokens == ids.tokens and len(text.tokens[0]) == 4
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        sampler.generate([[]], max_new_tokens=4, max_len=MAX_LEN)
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy(sampler):
     kw = dict(max_new_tokens=8, max_len=MAX_LEN)
     greedy_ids = sampler.generate(PROMPT, **kw).tokens

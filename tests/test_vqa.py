@@ -373,8 +373,10 @@ def test_training_a_few_steps_from_scratch_lowers_the_loss(
         progress=False,
     )
 
-    # The first step runs at learning rate 0 (warmup), the others lower it.
-    assert all(b <= a for a, b in zip(losses, losses[1:], strict=False))
+    # The first step runs at learning rate 0 (warmup), the others lower it;
+    # the loss after the first step moves only by float rounding (about
+    # 1e-7 of it on some CPUs).
+    assert all(b <= a + 1e-5 for a, b in zip(losses, losses[1:], strict=False))
     assert losses[-1] < losses[0] - 0.25, losses
 
 
