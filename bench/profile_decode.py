@@ -33,7 +33,8 @@ def decode_steps(batch: int, max_len: int, steps: int):
     import jax.numpy as jnp
 
     import gemma_lab
-    from gemma_lab.sampler import Sampler, _live_cache, live_slots
+    from gemma_lab.decoding import live_cache, live_slots
+    from gemma_lab.sampler import Sampler
 
     model, tokenizer = gemma_lab.load(progress=False)
     sampler = Sampler(model, tokenizer)
@@ -48,7 +49,7 @@ def decode_steps(batch: int, max_len: int, steps: int):
     live = live_slots(max(warm.lengths) + steps + 1, max(sizes))
     state = {
         "new": jnp.asarray([row[-1] for row in warm.tokens], jnp.int32),
-        "cache": _live_cache(warm.cache, live, sizes),
+        "cache": live_cache(warm.cache, live, sizes),
         "lengths": np.asarray(warm.lengths),
     }
     flags = dict(greedy=True, top_k=None, use_top_p=False, with_logprobs=False)

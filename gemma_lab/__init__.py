@@ -14,7 +14,8 @@ from gemma_lab.config import PRESETS, TransformerConfig, preset
 from gemma_lab.loading import default_checkpoint, load
 from gemma_lab.model import ModelOutput, Transformer
 from gemma_lab.multimodal import Gemma3Multimodal, prepare_prompt
-from gemma_lab.sampler import Sampler, SampleResult
+from gemma_lab.results import SampleResult
+from gemma_lab.sampler import Sampler
 from gemma_lab.tokenizer import Tokenizer
 
 __all__ = [

@@ -27,7 +27,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 from gemma_lab.checks import is_int
-from gemma_lab.sampler import Sampler, SampleResult
+from gemma_lab.results import SampleResult
+from gemma_lab.sampler import Sampler
 from gemma_lab.tokenizer import Tokenizer, check_utf8
 from gemma_lab.vision.layout import IMAGE_MARKER
 

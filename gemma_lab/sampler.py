@@ -29,10 +29,9 @@ Words used in this module:
   every image lies within it and keeps its bidirectional attention group;
   decode steps are text-only.
 
-Sampling methods (the small pure functions below): greedy (temperature 0),
-temperature, top-k and top-p (nucleus, Holtzman et al. 2019), with an
-explicit seed, so the same seed gives the same sample. Log-probabilities are
-those of the model's own distribution, before temperature, top-k or top-p.
+The sampling methods are the pure functions of `gemma_lab.sampling`; the
+compiled steps and the cache shapes live in `gemma_lab.decoding`, the result
+and the text stream in `gemma_lab.results`.
 """
 
 from __future__ import annotations
@@ -41,262 +40,32 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array
 
-from gemma_lab.attention import LayerCache, resize_ring
+from gemma_lab.attention import LayerCache
 from gemma_lab.checks import is_int, is_real
-from gemma_lab.layers import greedy_tokens
+from gemma_lab.decoding import (
+    bucket_length,
+    cache_capacity,
+    compiled_steps,
+    live_cache,
+    live_slots,
+)
 from gemma_lab.model import Cache, Transformer
 from gemma_lab.multimodal import Gemma3Multimodal, prepare_prompt
+from gemma_lab.results import Run, SampleResult, TextStream, cut_at_stop
+from gemma_lab.sampling import next_tokens
 from gemma_lab.tokenizer import Tokenizer
 from gemma_lab.vision.layout import expand_images
 
 DEFAULT_STOP_IDS = (1, 106)
 """<eos> and <end_of_turn>."""
-
-_SMALL_BUCKET = 32
-_LARGE_STEP = 512
-
-
-def bucket_length(n: int) -> int:
-    """The padded length used for `n` tokens.
-
-    Powers of two from 32 up to 512, then multiples of 512, so that prompts of
-    similar length share one compiled function and padding stays below half.
-
-    >>> [bucket_length(n) for n in (1, 33, 500, 600, 1100)]
-    [32, 64, 512, 1024, 1536]
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if n > _LARGE_STEP:
-        return -(-n // _LARGE_STEP) * _LARGE_STEP
-    return max(_SMALL_BUCKET, 1 << (n - 1).bit_length())
-
-
-# Sampling: small pure functions over logits [B, V].
-
-
-def top_k_logits(logits: Float[Array, "B V"], k: int) -> Float[Array, "B V"]:
-    """Keeps the k largest logits of each row; the others become -inf.
-
-    Ties with the k-th largest value are kept too.
-    """
-    kth = jax.lax.top_k(logits, k)[0][:, -1:]
-    return jnp.where(logits >= kth, logits, -jnp.inf)
-
-
-def top_p_logits(
-    logits: Float[Array, "B V"], p: float | Array
-) -> Float[Array, "B V"]:
-    """Keeps the smallest set of most likely tokens whose mass reaches p.
-
-    A token is kept when the probability mass of the tokens strictly more
-    likely than it is below p, so the most likely token is always kept and
-    p close to 0 keeps only it (greedy).
-    """
-    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept = jnp.where(mass_before < p, ordered, jnp.inf)
-    threshold = jnp.min(kept, axis=-1, keepdims=True)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
-
-
-def sample_tokens(
-    logits: Float[Array, "B V"],
-    key: Array,
-    *,
-    temperature: float | Array,
-    top_k: int | None = None,
-    top_p: float | Array | None = None,
-) -> Int[Array, " B"]:
-    """Draws one token per row: temperature, then top-k, then top-p.
-
-    Args:
-        logits: next-token logits.
-        key: a `jax.random.key`; the same key gives the same tokens.
-        temperature: > 0; logits are divided by it.
-        top_k: keep only the k most likely tokens (None: all).
-        top_p: keep the nucleus of mass p (None: all).
-
-    Returns:
-        Token ids, int32.
-    """
-    scaled = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        scaled = top_k_logits(scaled, top_k)
-    if top_p is not None:
-        scaled = top_p_logits(scaled, top_p)
-    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-
-
-def token_logprobs(
-    logits: Float[Array, "B V"], tokens: Int[Array, " B"]
-) -> Float[Array, " B"]:
-    """log p(token) under softmax(logits), in float32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-
-
-_SAMPLING_FLAGS = ("greedy", "top_k", "use_top_p", "with_logprobs")
-
-
-@functools.partial(jax.jit, static_argnames=_SAMPLING_FLAGS)
-def _next_tokens(logits, key, step, temperature, top_p, *, greedy, top_k,
-                 use_top_p, with_logprobs=True):  # fmt: skip
-    """One sampling step under jit; returns (tokens [B], logprobs [B]).
-
-    Without `with_logprobs` the log-probabilities are zeros (this skips a
-    softmax over the vocabulary).
-    """
-    if greedy:
-        tokens = greedy_tokens(logits)
-    else:
-        tokens = sample_tokens(
-            logits,
-            jax.random.fold_in(key, step),
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p if use_top_p else None,
-        )
-    if not with_logprobs:
-        return tokens, jnp.zeros(tokens.shape, jnp.float32)
-    return tokens, token_logprobs(logits, tokens)
-
-
-def truncate_cache(cache: Cache, lengths: Sequence[int]) -> Cache:
-    """Forgets cached positions >= lengths[b] in row b.
-
-    Exact only when each row drops at most its newest position: a local
-    layer's ring has already overwritten older slots that the dropped
-    positions displaced.
-    """
-    limit = jnp.asarray(lengths, jnp.int32)[:, None]
-    return tuple(
-        dataclasses.replace(
-            layer,
-            positions=jnp.where(layer.positions >= limit, -1, layer.positions),
-        )
-        for layer in cache
-    )
-
-
-def cache_capacity(cache: Cache) -> int:
-    """The most positions a row of `cache` can hold (its global slots)."""
-    return max(layer.positions.shape[1] for layer in cache)
-
-
-# Results and streaming text.
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleResult:
-    """What `Sampler.generate` returns; one entry per prompt (row).
-
-    Attributes:
-        tokens: the generated ids of each row, without the stop id.
-        texts: the decoded text of each row, cut before a stop string; None
-            when the sampler has no tokenizer.
-        finish_reasons: "stop_id", "stop_string" or "length" per row.
-        stop_tokens: the stop id that ended each row, or None.
-        logprobs: per-token log-probabilities of `tokens` under the model
-            (before temperature), or None unless requested.
-        logits: [B, steps, V] float32 next-token logits of every step (NumPy),
-            or None unless requested.
-        cache: the KV cache after the call. It holds every prompt token and
-            every generated token except the last one sampled.
-        lengths: positions held by the cache per row (prompt start + prompt
-            + generated tokens fed back).
-    """
-
-    tokens: list[list[int]]
-    texts: list[str] | None
-    finish_reasons: list[str]
-    stop_tokens: list[int | None]
-    logprobs: list[list[float]] | None = None
-    logits: np.ndarray | None = None
-    cache: Cache | None = dataclasses.field(default=None, repr=False)
-    lengths: list[int] = dataclasses.field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        """The text of a single-row result."""
-        if self.texts is None or len(self.texts) != 1:
-            raise ValueError("text needs a single row and a tokenizer")
-        return self.texts[0]
-
-
-def stable_text(text: str, stop_strings: Sequence[str] = ()) -> str:
-    """The prefix of a growing decoded text that later tokens cannot change.
-
-    Drops trailing U+FFFD (bytes of a character whose remaining bytes are
-    still to come, with byte-fallback tokens) and any tail that could be the
-    start of a stop string.
-    """
-    text = text.rstrip("\ufffd")
-    hold = 0
-    for stop in stop_strings:
-        for n in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:n]):
-                hold = n
-                break
-    return text[: len(text) - hold]
-
-
-def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str | None:
-    """`text` cut before its first stop string, or None if it has none."""
-    hits = [text.find(s) for s in stop_strings if s in text]
-    return text[: min(hits)] if hits else None
-
-
-@dataclasses.dataclass
-class _Run:
-    """Mutable state of one generation while its steps are running."""
-
-    tokens: list[list[int]]
-    finish: list[str | None]
-    cut_texts: list[str | None]
-    logprobs: list[list[float]]
-    logits: list[np.ndarray]
-    lengths: np.ndarray
-    stop_tokens: list[int | None]
-    cache: Cache | None = None
-
-
-class TextStream:
-    """Iterates over text pieces as tokens arrive (one prompt).
-
-    Joining the pieces gives `result.text`; `result` is set once the
-    iteration is over.
-    """
-
-    def __init__(self, steps: Iterator[_Run], finalize, tokenizer, stops):
-        self._steps, self._finalize = steps, finalize
-        self._tokenizer, self._stops = tokenizer, tuple(stops)
-        self.result: SampleResult | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        emitted = ""
-        for run in self._steps:
-            if run.cut_texts[0] is not None:
-                continue
-            text = self._tokenizer.decode(run.tokens[0])
-            stable = stable_text(text, self._stops)
-            if len(stable) > len(emitted) and stable.startswith(emitted):
-                yield stable[len(emitted) :]
-                emitted = stable
-        self.result = self._finalize()
-        final = self.result.text
-        if len(final) > len(emitted):
-            yield final[len(emitted) :]
-
 
 # The sampler.
 
@@ -417,98 +186,6 @@ def _stop_strings(stop_strings, tokenizer) -> tuple[str, ...]:
     return texts
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled_steps(graphdef, treedef):
-    """Jit-compiled prefill and decode steps for one model structure.
-
-    Kept per structure, so samplers over equal models (or the same model
-    rebuilt after a weight change) share their compiled code. The weights
-    come in as a flat list of arrays (`treedef` rebuilds the state), which
-    jit passes on faster than a tree of variables: that matters once per
-    decoded token.
-    """
-
-    def merge(leaves):
-        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-
-    def prefill(leaves, tokens, positions, cache, last):
-        module = merge(leaves)
-        out = module.forward(
-            tokens, positions, cache=cache, return_logits=False
-        )
-        hidden = jnp.take_along_axis(out.hidden, last[:, None, None], 1)
-        return module.logits(hidden[:, 0]), out.cache
-
-    def prefill_images(leaves, prompt, cache, last):
-        module = merge(leaves)
-        out = module.forward(
-            prompt.tokens, prompt.positions, cache=cache,
-            soft_embeddings=prompt.soft_embeddings,
-            soft_mask=prompt.soft_mask, groups=prompt.groups,
-            return_logits=False,
-        )  # fmt: skip
-        hidden = jnp.take_along_axis(out.hidden, last[:, None, None], 1)
-        return module.logits(hidden[:, 0]), out.cache
-
-    def decode(leaves, tokens, positions, cache, key, step, temperature,
-               top_p, *, with_logits, **flags):  # fmt: skip
-        # One call per token: the forward step and the sampling of the next
-        # token are compiled together; logits leave only when asked for.
-        module = merge(leaves)
-        out = module.forward(
-            tokens[:, None], positions[:, None], cache=cache,
-            return_logits=False,
-        )  # fmt: skip
-        hidden = out.hidden[:, 0]
-        if flags["greedy"] and not (with_logits or flags["with_logprobs"]):
-            # Only the picks are needed: the head need not write logits.
-            new = module.greedy_tokens(hidden)
-            return new, jnp.zeros(new.shape, jnp.float32), None, out.cache
-        logits = module.logits(hidden)
-        new, logprobs = _next_tokens.__wrapped__(
-            logits, key, step, temperature, top_p, **flags
-        )
-        return new, logprobs, logits if with_logits else None, out.cache
-
-    return (
-        jax.jit(prefill),
-        jax.jit(prefill_images),
-        jax.jit(
-            decode,
-            donate_argnums=3,
-            static_argnames=("with_logits", *_SAMPLING_FLAGS),
-        ),
-    )
-
-
-def live_slots(positions: int, capacity: int) -> int:
-    """Ring slots in use while every position held is below `positions`.
-
-    The smallest of 128, 512, 2048, ... (x4) that is at least `positions`,
-    and at most the cache's `capacity`. Coarse steps keep the compiled
-    variants of the prefill and decode steps few: a generation compiles
-    once more each time its rows cross a step.
-
-    >>> [live_slots(n, 4096) for n in (1, 128, 129, 600, 3000, 9000)]
-    [128, 128, 512, 2048, 4096, 4096]
-    """
-    slots = _LIVE_FLOOR
-    while slots < positions:
-        slots *= 4
-    return min(slots, capacity)
-
-
-_LIVE_FLOOR = 128
-
-
-def _live_cache(cache: Cache, slots: int, sizes: Sequence[int]) -> Cache:
-    """Each layer's ring resized to `slots`, at most its full size."""
-    return tuple(
-        resize_ring(layer, min(slots, size))
-        for layer, size in zip(cache, sizes, strict=True)
-    )
-
-
 class Sampler:
     """Generates text from a model with a KV cache and jit-compiled steps.
 
@@ -553,7 +230,7 @@ class Sampler:
         self.model, self.tokenizer = model, tokenizer
         graphdef, state = nnx.split(model)
         self._leaves, treedef = jax.tree.flatten(state)
-        steps = _compiled_steps(graphdef, treedef)
+        steps = compiled_steps(graphdef, treedef)
         self._prefill, self._prefill_images, self._decode = steps
 
     def init_cache(self, batch: int, max_len: int) -> Cache:
@@ -876,7 +553,7 @@ class Sampler:
         max_len = self._fit(rows, starts, opts, max_len, truncate, cache)
         if cache is None:
             cache = self.init_cache(len(rows), max_len)
-        run = _Run(
+        run = Run(
             tokens=[[] for _ in rows],
             finish=[None] * len(rows),
             cut_texts=[None] * len(rows),
@@ -897,7 +574,7 @@ class Sampler:
         sizes = [layer.positions.shape[1] for layer in cache]
         held = int(jnp.max(jnp.stack([jnp.max(c.positions) for c in cache])))
         live = live_slots(max(max(run.lengths), held + 1), max(sizes))
-        cache = _live_cache(cache, live, sizes)
+        cache = live_cache(cache, live, sizes)
         logits, cache = self._prefill_rows(rows, starts, cache, layout)
         key = jax.random.key(opts.seed)
         flags = dict(
@@ -911,7 +588,7 @@ class Sampler:
             jnp.float32(max(opts.temperature, 1e-6)),
             jnp.float32(opts.top_p or 1.0),
         )
-        new, logprobs = _next_tokens(
+        new, logprobs = next_tokens(
             logits, sampling[0], 0, *sampling[1:], **flags
         )
         for step in range(opts.max_new_tokens):
@@ -925,7 +602,7 @@ class Sampler:
             # The new tokens go to positions run.lengths.
             if max(run.lengths) >= live:
                 live = live_slots(max(run.lengths) + 1, max(sizes))
-                cache = _live_cache(cache, live, sizes)
+                cache = live_cache(cache, live, sizes)
             new, logprobs, logits, cache = self._decode(
                 self._leaves, new, jnp.asarray(run.lengths, jnp.int32), cache,
                 sampling[0], step + 1, *sampling[1:],
@@ -934,7 +611,7 @@ class Sampler:
             run.lengths = run.lengths + 1
         for i, reason in enumerate(run.finish):
             run.finish[i] = reason or "length"
-        run.cache = _live_cache(cache, max(sizes), sizes)
+        run.cache = live_cache(cache, max(sizes), sizes)
         yield run
 
     def _prefill_rows(self, rows, starts, cache, layout):
@@ -966,11 +643,11 @@ class Sampler:
             run.logprobs[i].append(float(logprobs[i]))
             if opts.stop_strings:
                 text = self.tokenizer.decode(run.tokens[i])
-                cut = _cut_at_stop(text, opts.stop_strings)
+                cut = cut_at_stop(text, opts.stop_strings)
                 if cut is not None:
                     run.finish[i], run.cut_texts[i] = "stop_string", cut
 
-    def _result(self, run: _Run, opts: _Options) -> SampleResult:
+    def _result(self, run: Run, opts: _Options) -> SampleResult:
         """Freezes a finished run into a `SampleResult`."""
         texts = None
         if self.tokenizer is not None:

@@ -10,17 +10,11 @@ import numpy as np
 import pytest
 
 from gemma_lab import testing
+from gemma_lab.decoding import bucket_length, live_slots
 from gemma_lab.layers import greedy_tokens
-from gemma_lab.sampler import (
-    DEFAULT_STOP_IDS,
-    Sampler,
-    bucket_length,
-    greedy,
-    live_slots,
-    stable_text,
-    top_k_logits,
-    top_p_logits,
-)
+from gemma_lab.results import stable_text
+from gemma_lab.sampler import DEFAULT_STOP_IDS, Sampler, greedy
+from gemma_lab.sampling import top_k_logits, top_p_logits
 
 MAX_LEN = 1024
 PROMPT = "The capital of France is"
