@@ -8,7 +8,9 @@ model's shapes, so that each choice in `gemma_lab.packed` and
 `gemma_lab.sampler` can be checked on the machine at hand:
 
 - the output head from its 8-bit copy, chunk by chunk, written as
-  x @ weights.T and as weights @ x.T (what `packed.matmul` uses);
+  x @ weights.T and as weights @ x.T (what `packed.matmul` uses), in
+  chunks of `packed.CHUNK_ROWS` rows, and the greedy pick fused into it
+  (`packed.argmax_matmul`);
 - the same head from float32 weights;
 - the 18 layers' float32 projections (distinct weights, so they stream from
   memory as in the model), as x @ kernel, as rows @ x.T and as the
@@ -49,9 +51,9 @@ def timed(fn, *args, repeats: int) -> float:
     return min(times) * 1e3
 
 
-def chunked_head(x, matrix, *, weights_first: bool, chunk: int = 2048):
+def chunked_head(x, matrix, *, weights_first: bool):
     """The head product chunk by chunk, in either operand order."""
-    r = matrix.shape[0]
+    r, chunk = matrix.shape[0], packed.CHUNK_ROWS
     parts = jax.tree.map(
         lambda a: a.reshape(r // chunk, chunk, a.shape[-1]), matrix
     )
@@ -105,6 +107,9 @@ def main() -> None:
         results[f"head, 8-bit chunks, {name}"] = timed(fn, x, head, repeats=n)
     results["head, packed.product"] = timed(
         jax.jit(packed.product), x, head, repeats=n
+    )
+    results["head, packed.argmax_matmul (greedy)"] = timed(
+        jax.jit(packed.argmax_matmul), x, head, repeats=n
     )
     table = packed.unpack(head)
     results["head, float32 weights"] = timed(

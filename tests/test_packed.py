@@ -98,10 +98,11 @@ def test_products_over_a_few_tokens_read_the_packed_copy(shape):
 
 def test_matmul_unpacks_chunk_by_chunk_exactly():
     rng = np.random.default_rng(3)
-    matrix = _random_packed(rng, 8192, 64, 32, True)
+    rows = 2 * packed.CHUNK_ROWS
+    matrix = _random_packed(rng, rows, 64, 32, True)
     x = jnp.asarray(rng.standard_normal((3, 2, 64)), jnp.float32)
     got = packed.matmul(x, matrix)
-    assert got.shape == (3, 2, 8192)
+    assert got.shape == (3, 2, rows)
     want = np.asarray(x, np.float64) @ np.asarray(unpack(matrix), np.float64).T
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
@@ -179,12 +180,13 @@ def test_split_blocks_rejects_other_types_and_short_data():
 
 def test_argmax_matmul_picks_as_greedy_tokens_over_the_whole_row():
     rng = np.random.default_rng(5)
-    matrix = _random_packed(rng, 4096, 32, 16, True)
+    chunk = packed.CHUNK_ROWS
+    matrix = _random_packed(rng, 2 * chunk, 32, 16, True)
     values, scale = np.asarray(matrix.values), np.asarray(matrix.scale)
     offset = np.asarray(matrix.offset)
-    # Rows 100 and 3000 are equal: a tie across chunks, the first wins.
+    # Rows 100 and chunk + 900 are equal: a tie across chunks, the first wins.
     for part in (values, scale, offset):
-        part[3000] = part[100]
+        part[chunk + 900] = part[100]
     x = rng.standard_normal((4, 32)).astype(np.float32)
     x[0] = np.asarray(unpack(matrix))[100]
     got = packed.argmax_matmul(jnp.asarray(x), matrix)
@@ -192,10 +194,10 @@ def test_argmax_matmul_picks_as_greedy_tokens_over_the_whole_row():
     np.testing.assert_array_equal(got, want)
     assert int(got[0]) == 100
 
-    # A NaN weight in row 2500 (a later chunk) makes every row pick it.
-    scale[2500, 1] = np.nan
+    # A NaN weight in a later chunk makes every row pick its row.
+    scale[chunk + 400, 1] = np.nan
     got = packed.argmax_matmul(jnp.asarray(x), matrix)
-    assert np.asarray(got).tolist() == [2500] * 4
+    assert np.asarray(got).tolist() == [chunk + 400] * 4
 
 
 def test_real_model_decodes_from_packed_copies(real_model):
