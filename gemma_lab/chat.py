@@ -380,9 +380,12 @@ class ChatSession:
         need = len(self._fed) + len(expanded) + kwargs["max_new_tokens"]
         if need > self.max_len:
             raise ConversationFull(need, self.max_len)
-        if self._cache is None:
-            self._cache = self.sampler.init_cache(1, self.max_len)
-        kwargs.update(cache=self._cache, start=len(self._fed))
+        # The session's own state changes only once a turn has finished
+        # (`_finish`): a turn that fails or is abandoned leaves it as it was.
+        cache = self._cache
+        if cache is None:
+            cache = self.sampler.init_cache(1, self.max_len)
+        kwargs.update(cache=cache, start=len(self._fed))
         return new_ids, kwargs
 
     def _finish(self, user: dict, new_ids, result: SampleResult) -> str:

@@ -131,6 +131,31 @@ def test_a_stop_string_cuts_the_reply_and_the_recorded_turn(sampler):
     assert alone.text == second
 
 
+def test_a_failed_or_abandoned_turn_leaves_the_session_as_it_was(sampler):
+    def session():
+        return ChatSession(sampler, max_len=MAX_LEN, max_new_tokens=8)
+
+    want = session().send("Hi there.")
+    fresh = session()
+    with pytest.raises(ValueError, match="temperature"):
+        fresh.send("Hi there.", temperature=-1)
+    assert fresh.token_ids == [] and fresh.send("Hi there.") == want
+
+    # After a turn cut at a stop string, the next turn prefills the history.
+    cut = session()
+    cut.send("Write a sentence about cats.", stop_strings=["sentence"])
+    with pytest.raises(ValueError, match="top_k"):
+        cut.send("And dogs?", top_k=0)
+    pieces = cut.stream("And dogs?")
+    next(pieces)
+    pieces.close()  # abandoned mid-reply
+    second = cut.send("And dogs?")
+    ids = encode_messages(cut.messages[:-1], sampler.tokenizer)
+    assert cut.token_ids[: len(ids)] == ids
+    alone = sampler.generate(ids, max_new_tokens=8, max_len=MAX_LEN)
+    assert alone.text == second
+
+
 def test_session_refuses_a_turn_beyond_max_len(sampler):
     session = ChatSession(sampler, max_len=32, max_new_tokens=16)
     with pytest.raises(ValueError, match="over max_len 32"):
