@@ -30,12 +30,21 @@ def step_ms(sampler, rows, steps: int, **kw) -> tuple[float, list]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chunks", type=int, nargs="+", default=[2048, 4096])
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=32)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--chunks", type=int, nargs="+", default=[2048, 4096],
+        help="sizes of packed.CHUNK_ROWS to compare",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=6, help="turns each")
+    parser.add_argument("--batch", type=int, default=8, help="rows decoded")
+    parser.add_argument(
+        "--steps", type=int, default=32, help="tokens generated per call"
+    )
     args = parser.parse_args()
+    args.chunks = list(dict.fromkeys(args.chunks))  # each size once
     if args.steps < 2 or args.rounds < 1 or not 2 <= args.batch <= 16:
         parser.error("--steps must be >= 2, --rounds >= 1, --batch in [2, 16]")
     if any(c < 256 or 262144 % c for c in args.chunks):

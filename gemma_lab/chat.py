@@ -124,6 +124,7 @@ def render(
     >>> render([{"role": "system", "content": "Be brief."},
     ...         {"role": "user", "content": "Hi"}])
     '<bos><start_of_turn>user\\nBe brief.\\n\\nHi<end_of_turn>\\n<start_of_turn>model\\n'
+
     Encoding the rendered text reads special pieces written in message
     content as markers; `encode_messages` keeps content as plain text.
     """  # noqa: E501

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemma_lab.attention import resize_ring
+from gemma_lab.checks import is_int
 from gemma_lab.model import Cache
 from gemma_lab.sampling import SAMPLING_FLAGS, next_tokens
 
@@ -37,8 +38,8 @@ def bucket_length(n: int) -> int:
     >>> [bucket_length(n) for n in (1, 33, 500, 600, 1100)]
     [32, 64, 512, 1024, 1536]
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if not is_int(n) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
     if n > _LARGE_STEP:
         return -(-n // _LARGE_STEP) * _LARGE_STEP
     return max(_SMALL_BUCKET, 1 << (n - 1).bit_length())

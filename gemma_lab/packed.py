@@ -145,27 +145,43 @@ def matmul(x: Float[Array, "... C"], matrix: PackedMatrix) -> Array:
     """x @ unpack(matrix).T for a few rows of x, a chunk of weights at a time.
 
     For more than one row XLA's CPU backend writes the unpacked weights out
-    before the product: 671 MB for the output head. Unpacking up to
-    `CHUNK_ROWS` weight rows per loop step keeps each chunk in the cache,
-    so the call reads the 8-bit values once from memory. Each chunk is
-    multiplied as weights @ x.T, which the CPU runs about a third faster
-    than x @ weights.T for a few rows (`bench/bench_products.py`).
+    before the product: 671 MB for the output head. Unpacking `CHUNK_ROWS`
+    weight rows per loop step (and the remaining rows after the loop) keeps
+    each chunk in the cache, so the call reads the 8-bit values once from
+    memory. Each chunk is multiplied as weights @ x.T, which the CPU runs
+    about a third faster than x @ weights.T for a few rows
+    (`bench/bench_products.py`).
     """
     _check_width(x, matrix)
     r, c = matrix.shape
-    rows = x.reshape(-1, c)
-    chunk = math.gcd(r, CHUNK_ROWS)
-    if chunk == r or chunk < 256:
-        out = unpack(matrix) @ rows.T  # [R, rows]
-    else:
-        chunks = jax.tree.map(
-            lambda a: a.reshape(r // chunk, chunk, a.shape[-1]), matrix
-        )
+    rows = x.reshape(-1, c).astype(jnp.float32)
+    chunks, tail = _split_rows(matrix)
+    parts = []
+    if chunks is not None:
         _, out = jax.lax.scan(
             lambda _, part: (None, unpack(part) @ rows.T), None, chunks
         )  # [R / chunk, chunk, rows]
-        out = out.reshape(r, rows.shape[0])
+        parts.append(out.reshape(-1, rows.shape[0]))
+    if tail is not None:
+        parts.append(unpack(tail) @ rows.T)
+    out = jnp.concatenate(parts) if len(parts) > 1 else parts[0]  # [R, rows]
     return out.T.reshape(*x.shape[:-1], r)
+
+
+def _split_rows(matrix: PackedMatrix):
+    """(the full `CHUNK_ROWS` chunks stacked [N, chunk, ...], the remaining
+    rows); either is None when empty. A matrix of at most one chunk is all
+    tail."""
+    r = matrix.shape[0]
+    full = r // CHUNK_ROWS * CHUNK_ROWS if r > CHUNK_ROWS else 0
+    chunks = tail = None
+    if full:
+        chunks = jax.tree.map(
+            lambda a: a[:full].reshape(-1, CHUNK_ROWS, a.shape[-1]), matrix
+        )
+    if full < r:
+        tail = jax.tree.map(lambda a: a[full:], matrix)
+    return chunks, tail
 
 
 def first_max(values: Array, axis: int = -1) -> tuple[Array, Array]:
@@ -203,11 +219,8 @@ def argmax_matmul(x: Float[Array, "B C"], matrix: PackedMatrix) -> Array:
         [B] int32 indices into R.
     """
     _check_width(x, matrix)
-    r, _ = matrix.shape
-    chunk = math.gcd(r, CHUNK_ROWS)
-    chunks = jax.tree.map(
-        lambda a: a.reshape(r // chunk, chunk, a.shape[-1]), matrix
-    )
+    x = x.astype(jnp.float32)
+    chunks, tail = _split_rows(matrix)
 
     def pick(carry, part):
         best, index, start = carry
@@ -215,16 +228,20 @@ def argmax_matmul(x: Float[Array, "B C"], matrix: PackedMatrix) -> Array:
         # A later chunk wins only with a larger value, or the first NaN.
         wins = (part_best > best) | (jnp.isnan(part_best) & ~jnp.isnan(best))
         index = jnp.where(wins, start + part_index, index)
-        return (jnp.where(wins, part_best, best), index, start + chunk), None
+        start = start + part.values.shape[0]
+        return (jnp.where(wins, part_best, best), index, start), None
 
     rows = x.shape[0]
-    start = (
-        jnp.full((rows,), -jnp.inf, x.dtype),
+    carry = (
+        jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.int32),
         jnp.int32(0),
     )
-    (_, index, _), _ = jax.lax.scan(pick, start, chunks)
-    return index
+    if chunks is not None:
+        carry, _ = jax.lax.scan(pick, carry, chunks)
+    if tail is not None:
+        carry, _ = pick(carry, tail)
+    return carry[1]
 
 
 def product(x: Float[Array, "... C"], matrix: PackedMatrix) -> Array:

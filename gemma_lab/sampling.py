@@ -34,12 +34,13 @@ def top_p_logits(
 
     A token is kept when the probability mass of the tokens strictly more
     likely than it is below p, so the most likely token is always kept and
-    p close to 0 keeps only it (greedy).
+    p close to 0 keeps only it and the tokens tied with it. p >= 1 keeps
+    every token (a float32 running sum can reach 1 before the last).
     """
     ordered = jnp.sort(logits, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(ordered, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept = jnp.where(mass_before < p, ordered, jnp.inf)
+    kept = jnp.where((mass_before < p) | (p >= 1), ordered, jnp.inf)
     threshold = jnp.min(kept, axis=-1, keepdims=True)
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 

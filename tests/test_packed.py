@@ -107,6 +107,28 @@ def test_matmul_unpacks_chunk_by_chunk_exactly():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("extra", [100, 1 - packed.CHUNK_ROWS])
+def test_products_cover_rows_past_the_last_full_chunk(extra):
+    # 2 chunks + 100 rows, and one row past a single chunk.
+    rng = np.random.default_rng(7)
+    rows = 2 * packed.CHUNK_ROWS + extra
+    matrix = _random_packed(rng, rows, 32, 16, False)
+    np.asarray(matrix.scale)[rows - 1] *= 2.0**10  # the last row, made long
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    x[1] = np.asarray(unpack(matrix))[rows - 1]  # picks the last row
+    want = np.asarray(x, np.float64) @ np.asarray(unpack(matrix), np.float64).T
+    got = packed.matmul(jnp.asarray(x), matrix)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    picks = packed.argmax_matmul(jnp.asarray(x, jnp.bfloat16), matrix)
+    want_picks = greedy_tokens(
+        packed.matmul(jnp.asarray(x, jnp.bfloat16), matrix)
+    )
+    np.testing.assert_array_equal(picks, want_picks)
+    picks = packed.argmax_matmul(jnp.asarray(x), matrix)
+    assert np.asarray(picks).tolist() == np.argmax(want, -1).tolist()
+    assert int(picks[1]) == rows - 1
+
+
 def test_products_name_an_input_of_the_wrong_width():
     matrix = _random_packed(np.random.default_rng(4), 64, 32, 16, False)
     for rows in (1, 3):

@@ -63,6 +63,9 @@ def test_bucket_length_rounds_up_to_powers_then_multiples_of_512():
         1024,
         1536,
     ]
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="n must be an int >= 1"):
+            bucket_length(bad)
 
 
 def test_live_slots_grow_by_four_and_stay_within_the_cache():
@@ -109,6 +112,13 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
     assert np.isfinite(np.asarray(top_p_logits(logits, 1e-6))).tolist() == [
         [True, False, False, False]
     ]
+
+
+def test_top_p_of_one_keeps_every_token_of_a_peaked_vocabulary():
+    # The float32 running sum reaches 1 long before the last of 262,144.
+    logits = 8 * jax.random.normal(jax.random.key(0), (2, 262144))
+    assert bool(jnp.isfinite(top_p_logits(logits, 1.0)).all())
+    assert bool(jnp.isfinite(top_p_logits(logits, jnp.float32(1))).all())
 
 
 def test_stable_text_holds_back_partial_characters_and_stop_prefixes():
