@@ -114,6 +114,9 @@ def compiled_steps(graphdef, treedef):
     )
 
 
+_LIVE_FLOOR = 128
+
+
 def live_slots(positions: int, capacity: int) -> int:
     """Ring slots in use while every position held is below `positions`.
 
@@ -129,9 +132,6 @@ def live_slots(positions: int, capacity: int) -> int:
     while slots < positions:
         slots *= 4
     return min(slots, capacity)
-
-
-_LIVE_FLOOR = 128
 
 
 def live_cache(cache: Cache, slots: int, sizes: Sequence[int]) -> Cache:

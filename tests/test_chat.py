@@ -124,11 +124,7 @@ def test_a_stop_string_cuts_the_reply_and_the_recorded_turn(sampler):
     assert session.messages[-1] == {"role": "assistant", "content": cut}
 
     # The next turn continues from the recorded (cut) history.
-    second = session.send("And dogs?")
-    ids = encode_messages(session.messages[:-1], sampler.tokenizer)
-    assert session.token_ids[: len(ids)] == ids
-    alone = sampler.generate(ids, max_new_tokens=12, max_len=MAX_LEN)
-    assert alone.text == second
+    _assert_next_turn_follows_the_history(sampler, session, 12)
 
 
 def test_a_failed_or_abandoned_turn_leaves_the_session_as_it_was(sampler):
@@ -149,10 +145,18 @@ def test_a_failed_or_abandoned_turn_leaves_the_session_as_it_was(sampler):
     pieces = cut.stream("And dogs?")
     next(pieces)
     pieces.close()  # abandoned mid-reply
-    second = cut.send("And dogs?")
-    ids = encode_messages(cut.messages[:-1], sampler.tokenizer)
-    assert cut.token_ids[: len(ids)] == ids
-    alone = sampler.generate(ids, max_new_tokens=8, max_len=MAX_LEN)
+    _assert_next_turn_follows_the_history(sampler, cut, 8)
+
+
+def _assert_next_turn_follows_the_history(sampler, session, max_new_tokens):
+    """A new turn's ids start with the recorded conversation's, and its
+    reply equals one call over them."""
+    second = session.send("And dogs?")
+    ids = encode_messages(session.messages[:-1], sampler.tokenizer)
+    assert session.token_ids[: len(ids)] == ids
+    alone = sampler.generate(
+        ids, max_new_tokens=max_new_tokens, max_len=MAX_LEN
+    )
     assert alone.text == second
 
 
